@@ -1,0 +1,24 @@
+"""secagg: encrypted aggregation of model weights.
+
+A round in five names::
+
+    paths = secagg.keygen("keys")                                   # once per federation
+    server = secagg.serve(paths.server, "127.0.0.1:0", "state")     # the aggregator
+    secagg.create_round(server.address, "r1", template="site.keras", clients=3)
+    secagg.submit(server.address, "r1", key=paths.client, client_id="site-1", model="site.keras", weight=812)
+    secagg.fetch(server.address, "r1", key=paths.client, template="site.keras", out="global.keras", wait=60)
+
+Clients encrypt with CKKS (TenSEAL/SEAL); the aggregator holds no secret key and only adds.
+"""
+
+from secagg.api import Average, Receipt, create_round, fetch, fetch_average, round_status, serve, submit
+from secagg.errors import SecAggError
+from secagg.keys import KeyPaths, keygen, load_client_key, load_server_key
+from secagg.models import read_model, write_model
+from secagg.rounds import RoundStatus
+
+__all__ = [
+    "Average", "KeyPaths", "Receipt", "RoundStatus", "SecAggError", "create_round", "fetch", "fetch_average",
+    "keygen", "load_client_key", "load_server_key", "read_model", "round_status", "serve", "submit", "write_model",
+]
+__version__ = "0.1.0"

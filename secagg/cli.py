@@ -1,0 +1,151 @@
+"""The ``secagg`` command: a thin layer over the Python API in ``secagg.api``.
+
+Every command exits 0 on success; on failure it prints one line, ``secagg: error: ...``, to stderr
+and exits 1 (2 for bad usage, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+
+from secagg.errors import SecAggError
+
+EPILOG = "Docs: README.md. Errors name the problem and the fix; exit code 1 on any error."
+
+
+class _Progress:
+    """Progress on stderr for long work, at most a few lines per second.
+
+    Only when stderr is a terminal: when it is captured (scripts, CI), stderr carries nothing but
+    the one-line error of a failed command.
+    """
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet or not sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.quiet or (done != total and now - self._last < 0.5):
+            return
+        self._last = now
+        print(f"  {stage}: {done}/{total} ({100 * done // max(total, 1)}%)", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secagg", description="Encrypted aggregation of model weights (CKKS over gRPC).",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    k = sub.add_parser("keygen", help="create a federation key pair", epilog=EPILOG,
+                       description="Write KEYDIR/client.key (secret, mode 0600, for clients only) and "
+                                   "KEYDIR/server.key (for the aggregator: cannot decrypt).")
+    k.add_argument("--out", required=True, metavar="KEYDIR", help="directory for the two key files")
+
+    s = sub.add_parser("serve", help="run the aggregator", epilog=EPILOG,
+                       description="Run the aggregator. It holds no secret key and only adds ciphertexts. State is "
+                                   "durable: after a crash, restart on the same --state-dir and nothing accepted is lost.")
+    s.add_argument("--key", required=True, help="the federation's server.key")
+    s.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to bind (port 0 picks a free port)")
+    s.add_argument("--state-dir", required=True, metavar="DIR", help="directory for rounds and accepted updates")
+
+    r = sub.add_parser("round", help="create a round or show its status", epilog=EPILOG)
+    rsub = r.add_subparsers(dest="round_command", required=True, metavar="ACTION")
+    rc = rsub.add_parser("create", help="create a round for a model architecture", epilog=EPILOG,
+                         description="Create a round. Only the template's tensor names, shapes and dtypes are sent.")
+    _server_round(rc)
+    rc.add_argument("--clients", required=True, type=int, metavar="N", help="number of expected clients")
+    rc.add_argument("--min-clients", type=int, metavar="K",
+                    help="quorum: the round closes at the deadline if at least K submitted (default: N)")
+    rc.add_argument("--deadline", type=float, metavar="SECONDS", help="seconds from now until the round closes or fails")
+    rc.add_argument("--template", required=True, metavar="MODEL", help="a model of the round's architecture")
+    rc.add_argument("--max-weight", type=float, metavar="W",
+                    help="largest --weight a client may use (default 1e5); closer to the real weights is more precise")
+    rc.add_argument("--value-bound", type=float, metavar="B",
+                    help="largest |parameter| a client may submit (default 100); keeps the encrypted sum from overflowing")
+    rs = rsub.add_parser("status", help="print a round's status as JSON", epilog=EPILOG)
+    _server_round(rs)
+
+    sm = sub.add_parser("submit", help="encrypt a model and submit it to a round", epilog=EPILOG,
+                        description="Encrypt MODEL under the federation key and submit it. The weight travels encrypted.")
+    _server_round(sm)
+    sm.add_argument("--key", required=True, help="the federation's client.key")
+    sm.add_argument("--client-id", required=True, metavar="NAME", help="this site's name (once per round)")
+    sm.add_argument("--model", required=True, help="model file: .keras, .h5, .pt, .pth or .npz")
+    sm.add_argument("--weight", type=float, default=1.0, metavar="W",
+                    help="this site's weight, e.g. its number of training samples (default 1)")
+    sm.add_argument("--quiet", action="store_true", help="no progress output")
+
+    f = sub.add_parser("fetch", help="fetch and decrypt a round's weighted average as a model file", epilog=EPILOG)
+    _server_round(f)
+    f.add_argument("--key", required=True, help="the federation's client.key")
+    f.add_argument("--template", required=True, metavar="MODEL", help="a model of the round's architecture")
+    f.add_argument("--out", required=True, help="where to write the global model (same format as the template)")
+    f.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the round to close")
+    f.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _server_round(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the aggregator's address")
+    p.add_argument("--round", required=True, metavar="ID", help="round id (letters, digits, '.', '_', '-')")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import secagg  # deferred so that --help is fast
+
+    if args.command == "keygen":
+        paths = secagg.keygen(args.out)
+        key = secagg.load_server_key(paths.server)
+        print(json.dumps({"client_key": str(paths.client), "server_key": str(paths.server), "key_id": key.key_id}))
+    elif args.command == "serve":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        server = secagg.serve(args.key, args.listen, args.state_dir)
+        print(f"secagg: serving on {server.address}", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            server.stop()
+    elif args.command == "round" and args.round_command == "create":
+        status = secagg.create_round(args.server, args.round, args.template, args.clients, args.min_clients,
+                                     args.deadline, args.max_weight, args.value_bound)
+        print(json.dumps(status.to_json_dict()))
+    elif args.command == "round":
+        s = secagg.round_status(args.server, args.round)
+        print(json.dumps(s.to_json_dict()))
+    elif args.command == "submit":
+        r = secagg.submit(args.server, args.round, args.key, args.client_id, args.model, args.weight,
+                          progress=_Progress(args.quiet))
+        print(json.dumps({"round": r.round_id, "client_id": r.client_id, "submitted": r.submitted,
+                          "already_accepted": r.already_accepted, "num_params": r.num_params,
+                          "wire_bytes": r.wire_bytes, "bytes_per_param": round(r.wire_bytes / r.num_params, 3)}))
+    elif args.command == "fetch":
+        out = secagg.fetch(args.server, args.round, args.key, args.template, args.out, args.wait,
+                           progress=_Progress(args.quiet))
+        print(json.dumps({"round": args.round, "out": str(out)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except SecAggError as exc:
+        print(f"secagg: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"secagg: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("secagg: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""Rounds and the aggregator core: the round state machine and its durable store, transport-free.
+
+A round is created ``collecting``; it becomes ``closed`` when every expected client submitted, or
+at its deadline if at least ``min_clients`` did; otherwise at the deadline it becomes ``failed``.
+
+State directory layout, one folder per round::
+
+    rounds/<round_id>/round.json          config and state (atomically replaced)
+    rounds/<round_id>/incoming/*.part     updates still streaming in (deleted on restart)
+    rounds/<round_id>/accepted/<client>   accepted updates, the write-ahead log of the sum
+    rounds/<round_id>/aggregate           the final encrypted sum, once closed
+
+An update is accepted when its file is renamed into ``accepted/``; only then does the client get
+its acknowledgement. The running sum lives in memory (O(model), whatever the number of clients)
+and is rebuilt from ``accepted/`` after a restart, so a SIGKILL at any moment loses nothing
+acknowledged and counts nothing twice. Once a round closes its individual updates are deleted:
+only the sum is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import secrets
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from secagg import envelope, store
+from secagg.ciphertexts import Bounds, EncryptedSum, num_ciphertexts
+from secagg.envelope import Chunk, ChunkValidator, Header, check_id
+from secagg.errors import (
+    CiphertextError,
+    DuplicateSubmissionError,
+    EnvelopeError,
+    KeyFileError,
+    RoundExistsError,
+    RoundNotFoundError,
+    RoundStateError,
+    SecAggError,
+)
+from secagg.keys import ServerKey
+from secagg.packing import ModelSpec
+
+log = logging.getLogger("secagg.aggregator")
+
+COLLECTING, CLOSED, FAILED = "collecting", "closed", "failed"
+DEFAULT_MAX_WEIGHT = 1e5
+DEFAULT_VALUE_BOUND = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundConfig:
+    """What a round is: fixed when it is created."""
+
+    round_id: str
+    spec: ModelSpec
+    expected_clients: int
+    min_clients: int
+    deadline_unix: float | None
+    max_weight: float = DEFAULT_MAX_WEIGHT
+    value_bound: float = DEFAULT_VALUE_BOUND
+
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(self.expected_clients, self.max_weight, self.value_bound)
+
+    @property
+    def num_ciphertexts(self) -> int:
+        return num_ciphertexts(self.spec.num_params)
+
+    def to_dict(self) -> dict:
+        return {
+            "round_id": self.round_id,
+            "spec": self.spec.to_json(),
+            "expected_clients": self.expected_clients,
+            "min_clients": self.min_clients,
+            "deadline_unix": self.deadline_unix,
+            "max_weight": self.max_weight,
+            "value_bound": self.value_bound,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoundConfig":
+        return cls(
+            d["round_id"], ModelSpec.from_json(d["spec"]), int(d["expected_clients"]), int(d["min_clients"]),
+            d["deadline_unix"], float(d["max_weight"]), float(d["value_bound"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStatus:
+    """A round as anyone may see it: no weights, no ciphertexts."""
+
+    round_id: str
+    state: str
+    submitted: int
+    expected: int
+    min_clients: int
+    clients: tuple[str, ...]
+    deadline_unix: float | None
+    spec_hash: str
+    key_id: str
+    max_weight: float
+    value_bound: float
+    num_params: int
+    reason: str = ""
+
+    def to_json_dict(self) -> dict:
+        """The fields ``secagg round status`` prints."""
+        return dataclasses.asdict(self) | {"clients": list(self.clients)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitResult:
+    round_id: str
+    client_id: str
+    submitted: int
+    already_accepted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregate:
+    """A closed round's encrypted sum, ready to stream to a client."""
+
+    header: Header
+    contributions: int
+    clients: tuple[str, ...]
+    config: RoundConfig
+
+    path: Path
+
+    def chunks(self) -> Iterator[Chunk]:
+        batch: list[bytes] = []
+        index = 0
+        for blob in store.iter_blobs(self.path):
+            batch.append(blob)
+            if len(batch) == envelope.CIPHERTEXTS_PER_CHUNK:
+                yield Chunk(index, tuple(batch), envelope.chunk_digest(batch))
+                batch, index = [], index + 1
+        if batch:
+            yield Chunk(index, tuple(batch), envelope.chunk_digest(batch))
+
+
+class _Round:
+    """In-memory state of one round; every field is recoverable from its folder."""
+
+    def __init__(self, key: ServerKey, folder: Path, config: RoundConfig, state: str, reason: str) -> None:
+        self.folder = folder
+        self.config = config
+        self.state = state
+        self.reason = reason
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.accepted: dict[str, str] = {}  # client id -> hex digest of its update
+        self.sum = EncryptedSum(key, config.num_ciphertexts) if state == COLLECTING else None
+        self.clients_at_close: tuple[str, ...] = ()
+        self.aggregate_digest = ""
+
+    @property
+    def accepted_dir(self) -> Path:
+        return self.folder / "accepted"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.folder / "incoming"
+
+
+class Aggregator:
+    """The aggregator's core: rounds, submissions and the running encrypted sums.
+
+    It holds only a :class:`ServerKey`, which cannot decrypt. ``clock`` is injectable so tests of
+    deadlines need no sleeping.
+    """
+
+    def __init__(self, key: ServerKey, state_dir: str | Path, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(key, ServerKey) or hasattr(key, "secret_key"):
+            raise KeyFileError("the aggregator must be given server.key, never the client's secret key")
+        self.key = key
+        self.clock = clock
+        self.state_dir = Path(state_dir)
+        self._rounds_dir = self.state_dir / "rounds"
+        self._rounds_dir.mkdir(parents=True, exist_ok=True)
+        self._rounds: dict[str, _Round] = {}
+        self._lock = threading.Lock()
+        self._check_state_key()
+        self._recover()
+
+    # -- rounds -----------------------------------------------------------------------------------
+
+    def create_round(self, config: RoundConfig) -> RoundStatus:
+        """Create a round; refuses an existing id and limits that could overflow."""
+        check_id("round", config.round_id)
+        if config.expected_clients < 1:
+            raise SecAggError("--clients must be at least 1")
+        if not 1 <= config.min_clients <= config.expected_clients:
+            raise SecAggError(
+                f"--min-clients must be between 1 and --clients ({config.expected_clients}), got {config.min_clients}"
+            )
+        if config.spec.num_params == 0:
+            raise SecAggError("the template has no floating-point tensors: there is nothing to aggregate")
+        config.bounds.check()
+        with self._lock:
+            if config.round_id in self._rounds:
+                raise RoundExistsError(f"round {config.round_id!r} already exists; pick a new round id")
+            folder = self._rounds_dir / config.round_id
+            folder.mkdir()
+            (folder / "accepted").mkdir()
+            (folder / "incoming").mkdir()
+            rnd = _Round(self.key, folder, config, COLLECTING, "")
+            self._save_round(rnd)
+            self._rounds[config.round_id] = rnd
+        log.info("round created", extra={"round": config.round_id, "expected": config.expected_clients})
+        return self.status(config.round_id)
+
+    def status(self, round_id: str) -> RoundStatus:
+        """The round's public state; applies its deadline first."""
+        rnd = self._round(round_id)
+        with rnd.lock:
+            self._apply_deadline(rnd)
+            return self._status(rnd)
+
+    def round_config(self, round_id: str) -> RoundConfig:
+        return self._round(round_id).config
+
+    def tick(self) -> None:
+        """Close or fail every round whose deadline has passed (called periodically by the server)."""
+        with self._lock:
+            rounds = list(self._rounds.values())
+        for rnd in rounds:
+            with rnd.lock:
+                self._apply_deadline(rnd)
+
+    # -- submissions ------------------------------------------------------------------------------
+
+    def submit(self, header: Header, chunks: Iterator[Chunk]) -> SubmitResult:
+        """Validate and accept one client's update; nothing is changed unless all of it is valid."""
+        rnd, retry = self._check_header(header)
+        if retry:
+            # A resend of an update that is already accepted (the reply was lost): acknowledge it
+            # again without reading it. The round may be closed, with its incoming/ folder gone.
+            with rnd.lock:
+                submitted = len(rnd.accepted) if rnd.state == COLLECTING else len(rnd.clients_at_close)
+            return SubmitResult(rnd.config.round_id, header.client_id, submitted, True)
+        validator = ChunkValidator(header)
+        part = rnd.incoming_dir / f"{header.client_id}.{secrets.token_hex(6)}.part"
+        writer = store.BlobWriter(part, {"client_id": header.client_id, "digest": header.digest.hex()})
+        try:
+            for chunk in chunks:
+                writer.write(validator.accept(chunk))
+            validator.finish()
+            return self._accept(rnd, header, writer)
+        finally:
+            writer.discard()
+
+    def _check_header(self, header: Header) -> tuple[_Round, bool]:
+        if header.format_version != envelope.FORMAT_VERSION:
+            raise EnvelopeError(
+                f"update format version {header.format_version} is not supported (this aggregator speaks "
+                f"{envelope.FORMAT_VERSION}); upgrade the client or the aggregator so they match"
+            )
+        check_id("client", header.client_id)
+        rnd = self._round(header.round_id)
+        if header.key_id != self.key.key_id:
+            raise KeyFileError(
+                f"the update is encrypted under key {header.key_id} but this aggregator serves key {self.key.key_id}; "
+                "use the client.key from the same 'secagg keygen' as the aggregator's server.key"
+            )
+        cfg = rnd.config
+        if header.spec_hash != cfg.spec.hash:
+            raise EnvelopeError(
+                f"the model does not match the architecture of round {cfg.round_id!r} (spec hash differs); "
+                "submit a model with the same layers, shapes and dtypes as the round's template"
+            )
+        if header.num_ciphertexts != cfg.num_ciphertexts:
+            raise EnvelopeError(
+                f"the update has {header.num_ciphertexts} ciphertexts; round {cfg.round_id!r} needs {cfg.num_ciphertexts}"
+            )
+        with rnd.lock:
+            self._apply_deadline(rnd)
+            return rnd, self._check_open(rnd, header)
+
+    def _check_open(self, rnd: _Round, header: Header) -> bool:
+        """Raises unless the client may submit; True if this is a retry of an accepted update."""
+        prior = rnd.accepted.get(header.client_id)
+        if prior is not None:
+            if prior == header.digest.hex():
+                return True
+            raise DuplicateSubmissionError(
+                f"client {header.client_id!r} already submitted a different update to round {rnd.config.round_id!r}; "
+                "each client submits once per round (a retry must resend the same bytes)"
+            )
+        if rnd.state != COLLECTING:
+            raise RoundStateError(
+                f"round {rnd.config.round_id!r} is {rnd.state} ({len(rnd.accepted) or len(rnd.clients_at_close)} of "
+                f"{rnd.config.expected_clients} submitted); it accepts no more updates: ask for a new round"
+            )
+        return False
+
+    def _accept(self, rnd: _Round, header: Header, writer: store.BlobWriter) -> SubmitResult:
+        with rnd.lock:
+            self._apply_deadline(rnd)
+            if self._check_open(rnd, header):
+                return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), True)
+            writer.commit(writer.tmp_path)  # make the bytes durable before they count
+            self._add_update(rnd, writer.tmp_path)
+            final = rnd.accepted_dir / header.client_id
+            try:
+                writer.tmp_path.replace(final)
+                store.fsync_dir(rnd.accepted_dir)
+            except OSError:
+                self._subtract_update(rnd, writer.tmp_path, len(rnd.sum))
+                raise
+            rnd.accepted[header.client_id] = header.digest.hex()
+            log.info("update accepted", extra={"round": rnd.config.round_id, "client": header.client_id})
+            if len(rnd.accepted) == rnd.config.expected_clients:
+                self._close(rnd)
+            rnd.changed.notify_all()
+            return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), False)
+
+    def _add_update(self, rnd: _Round, path: Path) -> None:
+        """Parse and add every ciphertext; on a bad one, subtract what was added (exact) and refuse."""
+        added = 0
+        try:
+            for i, blob in enumerate(store.iter_blobs(path)):
+                rnd.sum.add(i, blob)
+                added += 1
+        except CiphertextError as exc:
+            self._subtract_update(rnd, path, added)
+            raise CiphertextError(
+                f"ciphertext {added} of the update is not valid for this federation ({exc}); "
+                "re-encrypt with the federation's client.key and resend"
+            ) from None
+
+    @staticmethod
+    def _subtract_update(rnd: _Round, path: Path, count: int) -> None:
+        for i, blob in enumerate(store.iter_blobs(path)):
+            if i >= count:
+                break
+            rnd.sum.subtract(i, blob)
+
+    # -- aggregates -------------------------------------------------------------------------------
+
+    def aggregate(self, round_id: str, wait: float = 0.0) -> Aggregate:
+        """The closed round's encrypted sum; waits up to ``wait`` seconds for it to close."""
+        rnd = self._round(round_id)
+        end = time.monotonic() + max(0.0, wait)
+        with rnd.lock:
+            while True:
+                self._apply_deadline(rnd)
+                if rnd.state != COLLECTING:
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise RoundStateError(
+                        f"round {round_id!r} is still collecting ({len(rnd.accepted)} of {rnd.config.expected_clients} "
+                        "submitted); try again later or pass a longer --wait"
+                    )
+                rnd.changed.wait(min(left, 0.5))
+            if rnd.state == FAILED:
+                raise RoundStateError(f"round {round_id!r} failed: {rnd.reason}")
+            path = rnd.folder / "aggregate"
+            meta = store.read_blob_header(path)
+            blobs_digest = bytes.fromhex(rnd.aggregate_digest)
+            cfg = rnd.config
+            n_chunks = math.ceil(cfg.num_ciphertexts / envelope.CIPHERTEXTS_PER_CHUNK)
+            header = Header(round_id, "", self.key.key_id, cfg.spec.hash, cfg.num_ciphertexts, n_chunks, blobs_digest)
+            return Aggregate(header, int(meta["contributions"]), tuple(meta["clients"]), cfg, path)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _round(self, round_id: str) -> _Round:
+        with self._lock:
+            rnd = self._rounds.get(round_id)
+        if rnd is None:
+            raise RoundNotFoundError(
+                f"no round {round_id!r} on this aggregator; check the id with 'secagg round status' or create it"
+            )
+        return rnd
+
+    def _status(self, rnd: _Round) -> RoundStatus:
+        cfg = rnd.config
+        clients = tuple(sorted(rnd.accepted)) if rnd.state == COLLECTING else rnd.clients_at_close
+        return RoundStatus(
+            cfg.round_id, rnd.state, len(clients), cfg.expected_clients, cfg.min_clients, clients, cfg.deadline_unix,
+            cfg.spec.hash, self.key.key_id, cfg.max_weight, cfg.value_bound, cfg.spec.num_params, rnd.reason,
+        )
+
+    def _apply_deadline(self, rnd: _Round) -> None:
+        cfg = rnd.config
+        if rnd.state != COLLECTING or cfg.deadline_unix is None or self.clock() < cfg.deadline_unix:
+            return
+        if len(rnd.accepted) >= cfg.min_clients:
+            self._close(rnd)
+        else:
+            rnd.state = FAILED
+            rnd.clients_at_close = tuple(sorted(rnd.accepted))
+            rnd.reason = (
+                f"deadline passed with {len(rnd.accepted)} of {cfg.expected_clients} updates, fewer than the minimum "
+                f"{cfg.min_clients}; accepted from: {', '.join(rnd.clients_at_close) or 'nobody'}"
+            )
+            rnd.sum = None
+            self._save_round(rnd)
+            self._drop_updates(rnd)
+            log.warning("round failed", extra={"round": cfg.round_id, "reason": rnd.reason})
+        rnd.changed.notify_all()
+
+    def _close(self, rnd: _Round) -> None:
+        clients = tuple(sorted(rnd.accepted))
+        writer = store.BlobWriter(rnd.folder / "aggregate.tmp", {"contributions": len(clients), "clients": list(clients)})
+        digest = hashlib.sha256()
+        for blob in rnd.sum.iter_blobs():  # one ciphertext at a time: no second copy of the sum
+            digest.update(struct.pack(">I", len(blob)))
+            digest.update(blob)
+            writer.write([blob])
+        writer.commit(rnd.folder / "aggregate")
+        rnd.state = CLOSED
+        rnd.clients_at_close = clients
+        rnd.aggregate_digest = digest.hexdigest()
+        rnd.sum = None
+        self._save_round(rnd)
+        self._drop_updates(rnd)
+        log.info("round closed", extra={"round": rnd.config.round_id, "contributions": len(clients)})
+
+    @staticmethod
+    def _drop_updates(rnd: _Round) -> None:
+        # Individual updates are deleted once the sum is final: if the federation's key ever leaked,
+        # stored updates would expose single models; the sum alone does not.
+        shutil.rmtree(rnd.accepted_dir, ignore_errors=True)
+        shutil.rmtree(rnd.incoming_dir, ignore_errors=True)
+
+    def _save_round(self, rnd: _Round) -> None:
+        # The digests of accepted updates are kept after the round ends, so that a client's resend
+        # of an acknowledged update (reply lost in a crash) is still recognised after a restart.
+        data = {"config": rnd.config.to_dict(), "state": rnd.state, "reason": rnd.reason,
+                "clients_at_close": list(rnd.clients_at_close), "aggregate_digest": rnd.aggregate_digest,
+                "accepted_digests": dict(rnd.accepted) if rnd.state != COLLECTING else {}}
+        store.write_json_atomic(rnd.folder / "round.json", data)
+
+    def _check_state_key(self) -> None:
+        marker = self.state_dir / "key_id"
+        if marker.exists():
+            stored = marker.read_text().strip()
+            if stored != self.key.key_id:
+                raise KeyFileError(
+                    f"state dir {self.state_dir} belongs to key {stored}, but the aggregator was started with key "
+                    f"{self.key.key_id}; start it with that federation's server.key or use a new --state-dir"
+                )
+        else:
+            tmp = marker.with_name("key_id.tmp")
+            tmp.write_text(self.key.key_id + "\n")
+            tmp.replace(marker)
+
+    def _recover(self) -> None:
+        """Rebuild every round from its folder: replay accepted updates, drop partial ones."""
+        for folder in sorted(p for p in self._rounds_dir.iterdir() if p.is_dir()):
+            meta_path = folder / "round.json"
+            if not meta_path.exists():  # crashed between mkdir and the first save: never acknowledged
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            meta = store.read_json(meta_path)
+            rnd = _Round(self.key, folder, RoundConfig.from_dict(meta["config"]), meta["state"], meta.get("reason", ""))
+            rnd.clients_at_close = tuple(meta.get("clients_at_close", ()))
+            rnd.aggregate_digest = meta.get("aggregate_digest", "")
+            if rnd.state != COLLECTING:
+                rnd.accepted = dict(meta.get("accepted_digests", {}))
+            if rnd.state == COLLECTING:
+                shutil.rmtree(rnd.incoming_dir, ignore_errors=True)
+                rnd.incoming_dir.mkdir(exist_ok=True)
+                rnd.accepted_dir.mkdir(exist_ok=True)
+                # Only complete updates are ever renamed into accepted/, under the client's id (which
+                # may itself end in ".tmp"), so every file there is an acknowledged update.
+                for path in sorted(rnd.accepted_dir.iterdir()):
+                    self._add_update(rnd, path)
+                    rnd.accepted[path.name] = store.read_blob_header(path)["digest"]
+                if len(rnd.accepted) == rnd.config.expected_clients:
+                    self._close(rnd)
+            else:
+                self._drop_updates(rnd)
+            self._rounds[rnd.config.round_id] = rnd
+            log.info("round recovered", extra={"round": rnd.config.round_id, "state": rnd.state})

@@ -1,0 +1,100 @@
+"""The gRPC client: a thin wrapper that sends core records and raises secagg errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from secagg.envelope import MAX_MESSAGE_BYTES, Chunk, Header
+from secagg.errors import SecAggError
+from secagg.rounds import RoundStatus
+from secagg.transport import secagg_pb2 as pb
+from secagg.transport import secagg_pb2_grpc as pb_grpc
+from secagg.transport.server import chunk_from_pb, chunk_to_pb
+from secagg.transport.status import error_from_rpc
+
+
+def status_from_pb(s: pb.RoundStatus) -> RoundStatus:
+    return RoundStatus(
+        s.round_id, s.state, s.submitted, s.expected, s.min_clients, tuple(s.clients), s.deadline_unix or None,
+        s.spec_hash, s.key_id, s.max_weight, s.value_bound, s.num_params, s.reason,
+    )
+
+
+class AggregatorClient:
+    """One connection to an aggregator at ``server`` ("host:port")."""
+
+    def __init__(self, server: str, timeout: float | None = None) -> None:
+        self.server = server
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            server,
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     # Streams have no overall deadline (a 50M-parameter update is 400 MB); pings
+                     # find a dead connection instead.
+                     ("grpc.keepalive_time_ms", 30_000),
+                     ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.keepalive_permit_without_calls", 0)],
+        )
+        self._stub = pb_grpc.AggregatorStub(self._channel)
+
+    def __enter__(self) -> "AggregatorClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, **kw):
+        try:
+            return method(request, timeout=kw.pop("timeout", self.timeout), **kw)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.server) from None
+
+    def server_info(self) -> pb.ServerInfo:
+        return self._call(self._stub.GetServerInfo, pb.ServerInfoRequest(), timeout=30)
+
+    def create_round(self, request: pb.CreateRoundRequest) -> tuple[RoundStatus, str]:
+        reply = self._call(self._stub.CreateRound, request, timeout=30)
+        return status_from_pb(reply), reply.model_spec_json
+
+    def status(self, round_id: str) -> tuple[RoundStatus, str]:
+        """The round's status and its model spec JSON."""
+        reply = self._call(self._stub.GetRound, pb.GetRoundRequest(round_id=round_id), timeout=30)
+        return status_from_pb(reply), reply.model_spec_json
+
+    def submit(self, header: Header, chunks: Iterable[Chunk]) -> pb.SubmitReply:
+        def messages() -> Iterator[pb.SubmitMessage]:
+            yield pb.SubmitMessage(header=pb.UpdateHeader(
+                format_version=header.format_version, round_id=header.round_id, client_id=header.client_id,
+                key_id=header.key_id, spec_hash=header.spec_hash, num_ciphertexts=header.num_ciphertexts,
+                num_chunks=header.num_chunks, digest=header.digest,
+            ))
+            for c in chunks:
+                yield pb.SubmitMessage(chunk=chunk_to_pb(c))
+
+        return self._call(self._stub.Submit, messages())
+
+    def fetch(self, round_id: str, wait: float) -> tuple[pb.AggregateHeader, Iterator[Chunk]]:
+        """The aggregate's header and a lazy iterator over its chunks."""
+        try:
+            stream = self._stub.FetchAggregate(pb.FetchRequest(round_id=round_id, wait_seconds=wait),
+                                               timeout=None if self.timeout is None else self.timeout + wait)
+            first = next(stream)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.server) from None
+        if first.WhichOneof("kind") != "header":
+            raise SecAggError("the aggregator sent an aggregate without a header; upgrade the aggregator")
+
+        def chunks() -> Iterator[Chunk]:
+            try:
+                for msg in stream:
+                    yield chunk_from_pb(msg.chunk)
+            except grpc.RpcError as err:
+                raise error_from_rpc(err, self.server) from None
+
+        return first.header, chunks()

@@ -1,0 +1,287 @@
+"""Shared fixtures of the core, transport, CLI and crash tests.
+
+Keys are generated once per session (keygen is cheap, but there is no reason to repeat it).
+Models are small random npz files or dicts of named numpy tensors; the helpers are fixtures that
+return plain functions, so tests need not import from this file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import secagg
+from secagg.keys import ClientKey, KeyPaths, ServerKey
+
+# A small, realistic layout: a dense layer, a bias, an odd-sized tensor and an integer counter
+# that is copied from the template, never aggregated. 4096 + 64 + 7 + 640 = 4807 floats.
+SMALL_LAYOUT: dict[str, tuple[tuple[int, ...], str]] = {
+    "dense/kernel": ((64, 64), "float32"),
+    "dense/bias": ((64,), "float32"),
+    "odd": ((7,), "float64"),
+    "out/kernel": ((64, 10), "float32"),
+    "steps": ((), "int64"),
+}
+
+
+def random_tensors(rng: np.random.Generator, layout: Mapping[str, tuple[tuple[int, ...], str]] = SMALL_LAYOUT,
+                   scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Random named tensors of ``layout``: floats ~ N(0, scale), integers in [0, 1000)."""
+    out = {}
+    for name, (shape, dtype) in layout.items():
+        if np.dtype(dtype).kind == "f":
+            out[name] = (rng.standard_normal(shape) * scale).astype(dtype)
+        else:
+            out[name] = np.asarray(rng.integers(0, 1000, size=shape), dtype=dtype)
+    return out
+
+
+def save_npz(path: Path, tensors: Mapping[str, np.ndarray]) -> Path:
+    """Write ``tensors`` as an npz archive whose member order is the dict's order."""
+    path = Path(path)
+    with open(path, "wb") as f:
+        np.savez(f, **tensors)
+    return path
+
+
+def weighted_average(models: list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """The float64 reference: weighted mean of every floating tensor (others are not averaged)."""
+    w = np.asarray(weights, dtype=np.float64)
+    out = {}
+    for name, first in models[0].items():
+        if np.asarray(first).dtype.kind == "f":
+            stack = np.stack([np.asarray(m[name], dtype=np.float64) for m in models])
+            out[name] = np.tensordot(w, stack, axes=1) / w.sum()
+    return out
+
+
+def assert_close_to_average(result: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], atol: float = 1e-6,
+                            template: Mapping[str, np.ndarray] | None = None) -> None:
+    """Every float tensor within ``atol`` of the reference; non-float tensors equal the template's."""
+    for name, exp in expected.items():
+        got = np.asarray(result[name], dtype=np.float64)
+        assert got.shape == exp.shape, name
+        err = float(np.max(np.abs(got - exp))) if exp.size else 0.0
+        assert err <= atol, f"{name}: max error {err:.3g} > {atol}"
+    if template is not None:
+        for name, arr in template.items():
+            if np.asarray(arr).dtype.kind != "f":
+                np.testing.assert_array_equal(result[name], arr)
+
+
+def sealed_update(key, status, client_id: str, tensors: Mapping[str, np.ndarray], weight: float = 1.0):
+    """(header, chunks) of an update exactly as secagg.submit builds them, for sending with the raw client."""
+    from secagg import ciphertexts, envelope
+    from secagg.packing import ModelSpec, flatten
+
+    spec = ModelSpec.of(tensors)
+    vec = ciphertexts.encode_update(flatten(spec, tensors), weight,
+                                    ciphertexts.Bounds(status.expected, status.max_weight, status.value_bound))
+    return envelope.seal_update(status.round_id, client_id, key.key_id, spec.hash, ciphertexts.encrypt(key, vec))
+
+
+class Helpers:
+    """Functions shared by the tests, exposed through the ``helpers`` fixture."""
+
+    SMALL_LAYOUT = SMALL_LAYOUT
+    random_tensors = staticmethod(random_tensors)
+    save_npz = staticmethod(save_npz)
+    weighted_average = staticmethod(weighted_average)
+    assert_close_to_average = staticmethod(assert_close_to_average)
+    sealed_update = staticmethod(sealed_update)
+
+
+@pytest.fixture(scope="session")
+def helpers() -> type[Helpers]:
+    return Helpers
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    # Seeded per test (by its name) so a failure reproduces.
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def keypair(tmp_path_factory) -> KeyPaths:
+    """The federation's key files (client.key, server.key)."""
+    return secagg.keygen(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="session")
+def other_keypair(tmp_path_factory) -> KeyPaths:
+    """A second, unrelated federation."""
+    return secagg.keygen(tmp_path_factory.mktemp("other-keys"))
+
+
+@pytest.fixture(scope="session")
+def client_key(keypair) -> ClientKey:
+    return secagg.load_client_key(keypair.client)
+
+
+@pytest.fixture(scope="session")
+def server_key(keypair) -> ServerKey:
+    return secagg.load_server_key(keypair.server)
+
+
+@pytest.fixture(scope="session")
+def other_client_key(other_keypair) -> ClientKey:
+    return secagg.load_client_key(other_keypair.client)
+
+
+# -- an in-process aggregator -------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(keypair, tmp_path):
+    """A running aggregator (secagg.serve) on 127.0.0.1 with a free port; stopped afterwards."""
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "server-state")
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=0)
+
+
+@pytest.fixture
+def npz_models(tmp_path, rng) -> Callable[..., tuple[list[Path], list[dict[str, np.ndarray]]]]:
+    """``make(n, layout=SMALL_LAYOUT)``: n random npz models on disk, and their tensors."""
+
+    def make(n: int, layout=SMALL_LAYOUT, prefix: str = "site") -> tuple[list[Path], list[dict[str, np.ndarray]]]:
+        tensors = [random_tensors(rng, layout) for _ in range(n)]
+        paths = [save_npz(tmp_path / f"{prefix}-{i}.npz", t) for i, t in enumerate(tensors)]
+        return paths, tensors
+
+    return make
+
+
+# -- a `secagg serve` subprocess ------------------------------------------------------------------
+
+SERVING = re.compile(r"secagg: serving on (\S+)")
+
+
+def secagg_command(*args: str) -> list[str]:
+    """The installed console script if on PATH next to this interpreter, else ``python -m secagg.cli``."""
+    exe = Path(sys.executable).with_name("secagg")
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "secagg.cli", *args]
+
+
+class ServeProcess:
+    """``secagg serve`` as a child process; its address is parsed from the "serving on" line."""
+
+    def __init__(self, key: Path, state_dir: Path, listen: str = "127.0.0.1:0", timeout: float = 60.0) -> None:
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            secagg_command("serve", "--key", str(key), "--listen", listen, "--state-dir", str(state_dir)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_quiet_env(),
+        )
+        found = threading.Event()
+        self.address = ""
+
+        def pump() -> None:  # keep reading stderr so the server never blocks on a full pipe
+            for line in self.proc.stderr:
+                self.log.append(line)
+                m = SERVING.search(line)
+                if m and not found.is_set():
+                    self.address = m.group(1)
+                    found.set()
+            found.set()
+
+        self._reader = threading.Thread(target=pump, daemon=True)
+        self._reader.start()
+        found.wait(timeout)
+        if not self.address:
+            self.kill()
+            raise RuntimeError("secagg serve did not start:\n" + "".join(self.log))
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup of any kind happens in the server."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(10)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._reader.join(10)
+
+
+def _quiet_env() -> dict[str, str]:
+    # The user's environment as is (nothing that would hide output a user would see), unbuffered.
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(*args: str, timeout: float = 180.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the ``secagg`` command; returns the completed process (text stdout/stderr)."""
+    return subprocess.run(secagg_command(*args), capture_output=True, text=True, timeout=timeout,
+                          env=env or _quiet_env())
+
+
+@pytest.fixture
+def serve_process(keypair, tmp_path):
+    """``start(state_dir=..., listen=...)``: start ``secagg serve`` subprocesses; all are killed afterwards."""
+    started: list[ServeProcess] = []
+
+    def start(state_dir: Path | None = None, listen: str = "127.0.0.1:0", key: Path | None = None) -> ServeProcess:
+        p = ServeProcess(key or keypair.server, state_dir or tmp_path / "serve-state", listen)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+
+
+def popen_cli(*args: str) -> subprocess.Popen:
+    """Start the ``secagg`` command without waiting (text stdout/stderr pipes)."""
+    return subprocess.Popen(secagg_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_quiet_env())
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args)``: run the secagg command and return the CompletedProcess."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def cli_popen():
+    """``cli_popen(*args)``: start the secagg command in the background; returns the Popen."""
+    return popen_cli
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` passes (False). Not a timing assertion."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+Helpers.wait_for = staticmethod(wait_for)

@@ -1,0 +1,484 @@
+"""The aggregator core without any transport: rounds, submissions, deadlines (fake clock), restarts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from secagg import ciphertexts, envelope
+from secagg.envelope import Chunk, chunk_digest, seal_update
+from secagg.errors import (
+    CiphertextError,
+    DuplicateSubmissionError,
+    EnvelopeError,
+    KeyFileError,
+    RoundExistsError,
+    RoundNotFoundError,
+    RoundStateError,
+    SecAggError,
+)
+from secagg.keys import load_server_key
+from secagg.packing import ModelSpec, TensorSpec, flatten, unflatten
+from secagg.rounds import Aggregator, RoundConfig
+
+# ~20k parameters (3 ciphertexts) plus an integer counter that is never aggregated.
+LAYOUT = {
+    "l1/kernel": ((100, 150), "float32"),
+    "l1/bias": ((150,), "float32"),
+    "l2/kernel": ((150, 31), "float64"),
+    "l2/bias": ((31,), "float16"),
+    "step": ((), "int64"),
+}
+NUM_PARAMS = 100 * 150 + 150 + 150 * 31 + 31
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def agg(server_key, tmp_path, clock):
+    return Aggregator(server_key, tmp_path / "state", clock=clock)
+
+
+@pytest.fixture
+def models(rng, helpers):
+    """``models(n)``: n random models of LAYOUT (float values within +-5)."""
+    def make(n):
+        out = []
+        for _ in range(n):
+            t = helpers.random_tensors(rng, LAYOUT)
+            for name, arr in t.items():
+                if arr.dtype.kind == "f":
+                    t[name] = np.clip(arr, -5, 5).astype(arr.dtype)
+            out.append(t)
+        return out
+    return make
+
+
+def config(round_id="r1", clients=3, min_clients=None, deadline=None, max_weight=100.0, value_bound=10.0,
+           layout=LAYOUT, template=None):
+    spec = ModelSpec.of(template) if template is not None else ModelSpec(
+        tuple(TensorSpec(n, s, d) for n, (s, d) in layout.items()))
+    return RoundConfig(round_id, spec, clients, min_clients or clients, deadline, max_weight, value_bound)
+
+
+def update(key, cfg: RoundConfig, client_id: str, tensors, weight: float, spec_hash: str | None = None):
+    """What a client sends: (header, chunks) of its encrypted, weighted model."""
+    theta = flatten(cfg.spec, tensors)
+    blobs = ciphertexts.encrypt(key, ciphertexts.encode_update(theta, weight, cfg.bounds))
+    return seal_update(cfg.round_id, client_id, key.key_id, spec_hash or cfg.spec.hash, blobs)
+
+
+def submit(agg, key, cfg, client_id, tensors, weight):
+    header, chunks = update(key, cfg, client_id, tensors, weight)
+    return agg.submit(header, iter(chunks))
+
+
+def decrypt_average(agg, key, round_id, template):
+    """Fetch the closed round's aggregate from the core, decrypt and unflatten it (what fetch does)."""
+    a = agg.aggregate(round_id)
+    blobs = list(envelope.iter_chunks(a.header, a.chunks()))
+    vec = ciphertexts.decrypt(key, blobs, a.config.spec.num_params + ciphertexts.EXTRA_SLOTS)
+    mean, total = ciphertexts.decode_aggregate(vec, a.contributions, a.config.bounds)
+    return unflatten(a.config.spec, mean, template), a.contributions, a.clients, total
+
+
+def check_average(agg, key, cfg, models, weights, helpers, clients=None):
+    result, contributions, who, total = decrypt_average(agg, key, cfg.round_id, models[0])
+    assert contributions == len(models)
+    if clients is not None:
+        assert who == tuple(sorted(clients))
+    assert abs(total - sum(weights)) < 1e-6 * max(1.0, sum(weights))
+    helpers.assert_close_to_average(result, helpers.weighted_average(models, weights), atol=1e-6, template=models[0])
+
+
+# -- rounds ------------------------------------------------------------------------------------------
+
+
+def test_create_round_and_duplicate_id(agg):
+    s = agg.create_round(config())
+    assert (s.state, s.submitted, s.expected, s.min_clients, s.clients) == ("collecting", 0, 3, 3, ())
+    assert s.num_params == NUM_PARAMS and s.key_id == agg.key.key_id
+    with pytest.raises(RoundExistsError, match="round 'r1' already exists"):
+        agg.create_round(config(clients=5))
+    assert agg.status("r1").expected == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"round_id": "../x"}, "invalid round id"),
+    ({"clients": 0, "min_clients": 1}, "--clients must be at least 1"),
+    ({"clients": 3, "min_clients": 4}, "--min-clients must be between 1 and --clients"),
+    ({"max_weight": 0.0}, "max weight must be a positive number"),
+    ({"layout": {"n": ((3,), "int64")}}, "no floating-point tensors"),
+])
+def test_create_round_refuses_bad_config(agg, kwargs, match):
+    with pytest.raises(SecAggError, match=match):
+        agg.create_round(config(**kwargs))
+    assert not any((agg.state_dir / "rounds").iterdir())
+
+
+def test_three_clients_round_closes_and_averages(agg, client_key, models, helpers):
+    cfg = config()
+    agg.create_round(cfg)
+    ms, weights = models(3), [10.0, 55.5, 100.0]
+    for i, (m, w) in enumerate(zip(ms, weights)):
+        r = submit(agg, client_key, cfg, f"site-{i}", m, w)
+        assert (r.submitted, r.already_accepted) == (i + 1, False)
+        s = agg.status("r1")
+        assert s.state == ("closed" if i == 2 else "collecting") and s.submitted == i + 1
+    assert agg.status("r1").clients == ("site-0", "site-1", "site-2")
+    check_average(agg, client_key, cfg, ms, weights, helpers, clients=["site-0", "site-1", "site-2"])
+    # Individual updates are not kept once the sum is final.
+    folder = agg.state_dir / "rounds" / "r1"
+    assert not (folder / "accepted").exists() and (folder / "aggregate").is_file()
+
+
+def test_twenty_clients(agg, client_key, models, helpers, rng):
+    cfg = config(clients=20, max_weight=1000.0)
+    agg.create_round(cfg)
+    ms = models(20)
+    weights = [float(w) for w in rng.integers(1, 1000, size=20)]
+    for i, (m, w) in enumerate(zip(ms, weights)):
+        submit(agg, client_key, cfg, f"c{i:02d}", m, w)
+    assert agg.status("r1").state == "closed"
+    check_average(agg, client_key, cfg, ms, weights, helpers)
+
+
+def test_default_limits_with_sample_count_weights(agg, client_key, models, helpers):
+    """The CLI defaults (max weight 1e6, value bound 100) with realistic sample counts as weights."""
+    cfg = config(clients=3, max_weight=1e6, value_bound=100.0)
+    agg.create_round(cfg)
+    ms, weights = models(3), [812.0, 95.0, 4410.0]
+    for i, (m, w) in enumerate(zip(ms, weights)):
+        submit(agg, client_key, cfg, f"s{i}", m, w)
+    check_average(agg, client_key, cfg, ms, weights, helpers)
+
+
+def test_aggregate_of_a_collecting_round_is_refused(agg, client_key, models):
+    cfg = config()
+    agg.create_round(cfg)
+    submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
+    with pytest.raises(RoundStateError, match=r"still collecting \(1 of 3 submitted\)"):
+        agg.aggregate("r1")
+
+
+# -- bad submissions -------------------------------------------------------------------------------
+
+
+def test_duplicate_submission_with_different_bytes(agg, client_key, models, helpers):
+    cfg = config()
+    agg.create_round(cfg)
+    ms, weights = models(3), [3.0, 4.0, 5.0]
+    submit(agg, client_key, cfg, "site-0", ms[0], weights[0])
+    stored = (agg.state_dir / "rounds" / "r1" / "accepted" / "site-0").read_bytes()
+    with pytest.raises(DuplicateSubmissionError, match="client 'site-0' already submitted a different update"):
+        submit(agg, client_key, cfg, "site-0", ms[1], 99.0)
+    # Even re-encrypting the very same model gives different bytes: also refused.
+    with pytest.raises(DuplicateSubmissionError):
+        submit(agg, client_key, cfg, "site-0", ms[0], weights[0])
+    assert agg.status("r1").submitted == 1
+    assert (agg.state_dir / "rounds" / "r1" / "accepted" / "site-0").read_bytes() == stored
+    submit(agg, client_key, cfg, "site-1", ms[1], weights[1])
+    submit(agg, client_key, cfg, "site-2", ms[2], weights[2])
+    check_average(agg, client_key, cfg, ms, weights, helpers)  # the refused updates are in no sum
+
+
+def test_identical_resend_is_acknowledged_and_counted_once(agg, client_key, models, helpers):
+    cfg = config()
+    agg.create_round(cfg)
+    ms, weights = models(3), [1.0, 2.0, 3.0]
+    header, chunks = update(client_key, cfg, "site-0", ms[0], weights[0])
+    first = agg.submit(header, iter(chunks))
+    again = agg.submit(header, iter(chunks))
+    assert (first.submitted, first.already_accepted) == (1, False)
+    assert (again.submitted, again.already_accepted) == (1, True)
+    assert agg.status("r1").submitted == 1
+    submit(agg, client_key, cfg, "site-1", ms[1], weights[1])
+    last_h, last_c = update(client_key, cfg, "site-2", ms[2], weights[2])
+    assert agg.submit(last_h, iter(last_c)).submitted == 3
+    # A resend of the update that closed the round (its reply was lost) is still acknowledged.
+    assert agg.submit(last_h, iter(last_c)).already_accepted
+    assert agg.submit(header, iter(chunks)).already_accepted
+    check_average(agg, client_key, cfg, ms, weights, helpers)
+
+
+def test_submission_after_close(agg, client_key, models):
+    cfg = config(clients=1)
+    agg.create_round(cfg)
+    submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
+    with pytest.raises(RoundStateError, match="round 'r1' is closed .* accepts no more updates"):
+        submit(agg, client_key, cfg, "b", models(1)[0], 1.0)
+    assert agg.status("r1").clients == ("a",)
+
+
+def test_unknown_round(agg, client_key, models):
+    cfg = config(round_id="nope")
+    with pytest.raises(RoundNotFoundError, match="no round 'nope'"):
+        submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
+    with pytest.raises(RoundNotFoundError):
+        agg.status("nope")
+    with pytest.raises(RoundNotFoundError):
+        agg.aggregate("nope")
+
+
+def test_wrong_key_id(agg, other_client_key, models):
+    cfg = config()
+    agg.create_round(cfg)
+    with pytest.raises(KeyFileError, match=f"encrypted under key {other_client_key.key_id} but this aggregator "
+                                           f"serves key {agg.key.key_id}"):
+        submit(agg, other_client_key, cfg, "a", models(1)[0], 1.0)
+    assert agg.status("r1").submitted == 0
+
+
+def test_other_architecture(agg, client_key, rng, helpers):
+    cfg = config()
+    agg.create_round(cfg)
+    other_layout = dict(LAYOUT, **{"l2/bias": ((31,), "float32")})  # same sizes, another dtype
+    other_cfg = config(layout=other_layout)
+    assert other_cfg.num_ciphertexts == cfg.num_ciphertexts
+    with pytest.raises(EnvelopeError, match=r"does not match the architecture of round 'r1' \(spec hash differs\)"):
+        submit(agg, client_key, other_cfg, "a", helpers.random_tensors(rng, other_layout), 1.0)
+    assert agg.status("r1").submitted == 0
+
+
+def test_wrong_format_version_and_ciphertext_count(agg, client_key, models):
+    cfg = config()
+    agg.create_round(cfg)
+    header, chunks = update(client_key, cfg, "a", models(1)[0], 1.0)
+    with pytest.raises(EnvelopeError, match="format version 2 is not supported"):
+        agg.submit(dataclasses.replace(header, format_version=2), iter(chunks))
+    with pytest.raises(EnvelopeError, match="the update has 4 ciphertexts; round 'r1' needs 3"):
+        agg.submit(dataclasses.replace(header, num_ciphertexts=4), iter(chunks))
+    with pytest.raises(EnvelopeError, match="invalid client id"):
+        agg.submit(dataclasses.replace(header, client_id="../../etc"), iter(chunks))
+    assert agg.status("r1").submitted == 0
+    assert agg.submit(header, iter(chunks)).submitted == 1  # the genuine one still goes through
+
+
+def _corrupt(header, chunks, position: int):
+    """Replace ciphertext ``position`` by garbage of the same length, with valid checksums and digest."""
+    blobs = [ct for c in chunks for ct in c.ciphertexts]
+    good = blobs[position]
+    blobs[position] = good[:8] + bytes(b ^ 0x5A for b in good[8:])
+    bad_header, bad_chunks = seal_update(header.round_id, header.client_id, header.key_id, header.spec_hash, blobs)
+    assert bad_header.digest != header.digest
+    return bad_header, bad_chunks
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-client", "after-others"])
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_corrupt_ciphertext_passing_the_checksum(agg, client_key, models, helpers, first, position):
+    cfg = config()
+    agg.create_round(cfg)
+    ms, weights = models(3), [2.0, 3.0, 7.0]
+    if not first:
+        submit(agg, client_key, cfg, "site-0", ms[0], weights[0])
+        submit(agg, client_key, cfg, "site-1", ms[1], weights[1])
+    header, chunks = update(client_key, cfg, "site-2", ms[2], weights[2])
+    bad_header, bad_chunks = _corrupt(header, chunks, position)
+    with pytest.raises(CiphertextError, match=f"ciphertext {position} of the update is not valid"):
+        agg.submit(bad_header, iter(bad_chunks))
+    s = agg.status("r1")
+    assert s.state == "collecting" and s.submitted == (0 if first else 2)
+    assert not any((agg.state_dir / "rounds" / "r1" / "incoming").iterdir())
+    # The refused client was not recorded: its genuine update is accepted afterwards.
+    agg.submit(header, iter(chunks))
+    if first:
+        submit(agg, client_key, cfg, "site-0", ms[0], weights[0])
+        submit(agg, client_key, cfg, "site-1", ms[1], weights[1])
+    assert agg.status("r1").state == "closed"
+    check_average(agg, client_key, cfg, ms, weights, helpers)
+
+
+def test_truncated_stream_loses_nothing(agg, client_key, models, helpers):
+    cfg = config(clients=2)
+    agg.create_round(cfg)
+    ms, weights = models(2), [1.0, 4.0]
+    submit(agg, client_key, cfg, "a", ms[0], weights[0])
+    header, chunks = update(client_key, cfg, "b", ms[1], weights[1])
+    # An update of 3 ciphertexts in 3 chunks of 1, the last one never arriving.
+    blobs = [ct for c in chunks for ct in c.ciphertexts]
+    small = [Chunk(i, (b,), chunk_digest([b])) for i, b in enumerate(blobs)]
+    h3 = dataclasses.replace(header, num_chunks=3)
+    with pytest.raises(EnvelopeError, match=r"truncated: got 2 of 3 chunks"):
+        agg.submit(h3, iter(small[:2]))
+
+    def broken_stream():
+        yield small[0]
+        raise ConnectionError("client went away")
+
+    with pytest.raises(ConnectionError):
+        agg.submit(h3, broken_stream())
+    assert agg.status("r1").submitted == 1
+    assert not any((agg.state_dir / "rounds" / "r1" / "incoming").iterdir())
+    assert agg.submit(h3, iter(small)).submitted == 2
+    check_average(agg, client_key, cfg, ms, weights, helpers)
+
+
+def test_bad_chunks_in_the_core(agg, client_key, models):
+    cfg = config()
+    agg.create_round(cfg)
+    header, chunks = update(client_key, cfg, "a", models(1)[0], 1.0)
+    blobs = list(chunks[0].ciphertexts)
+    flipped = bytearray(blobs[1])
+    flipped[1000] ^= 1
+    bad = Chunk(0, (blobs[0], bytes(flipped), blobs[2]), chunks[0].sha256)
+    with pytest.raises(EnvelopeError, match="chunk 0 failed its checksum"):
+        agg.submit(header, iter([bad]))
+    with pytest.raises(EnvelopeError, match="chunk 1 arrived where chunk 0 was expected"):
+        agg.submit(header, iter([Chunk(1, chunks[0].ciphertexts, chunks[0].sha256)]))
+    with pytest.raises(EnvelopeError, match="digest does not match"):
+        agg.submit(dataclasses.replace(header, digest=bytes(32)), iter(chunks))
+    assert agg.status("r1").submitted == 0
+
+
+# -- deadlines ---------------------------------------------------------------------------------------
+
+
+def test_deadline_with_quorum_closes_with_the_survivors(agg, client_key, clock, models, helpers):
+    cfg = config(clients=4, min_clients=2, deadline=clock.now + 60)
+    agg.create_round(cfg)
+    ms, weights = models(3), [5.0, 1.0, 20.0]
+    for i, (m, w) in enumerate(zip(ms, weights)):
+        submit(agg, client_key, cfg, f"s{i}", m, w)
+    clock.now += 59.9
+    assert agg.status("r1").state == "collecting"
+    clock.now += 0.2
+    s = agg.status("r1")
+    assert (s.state, s.submitted, s.expected, s.clients) == ("closed", 3, 4, ("s0", "s1", "s2"))
+    check_average(agg, client_key, cfg, ms, weights, helpers, clients=["s0", "s1", "s2"])
+    with pytest.raises(RoundStateError, match="is closed"):
+        submit(agg, client_key, cfg, "s3", models(1)[0], 1.0)
+
+
+def test_deadline_without_quorum_fails_naming_who_submitted(agg, client_key, clock, models):
+    cfg = config(clients=4, min_clients=3, deadline=clock.now + 10)
+    agg.create_round(cfg)
+    ms = models(2)
+    submit(agg, client_key, cfg, "bravo", ms[0], 1.0)
+    submit(agg, client_key, cfg, "alpha", ms[1], 1.0)
+    clock.now += 11
+    agg.tick()  # what the server's ticker calls
+    s = agg.status("r1")
+    assert s.state == "failed" and s.submitted == 2 and s.clients == ("alpha", "bravo")
+    assert "2 of 4 updates, fewer than the minimum 3" in s.reason and "alpha, bravo" in s.reason
+    with pytest.raises(RoundStateError, match=r"round 'r1' failed: .*accepted from: alpha, bravo"):
+        agg.aggregate("r1")
+    with pytest.raises(RoundStateError, match="is failed"):
+        submit(agg, client_key, cfg, "charlie", models(1)[0], 1.0)
+    assert not (agg.state_dir / "rounds" / "r1" / "accepted").exists()
+
+
+def test_deadline_with_nobody(agg, clock):
+    agg.create_round(config(clients=2, min_clients=1, deadline=clock.now + 1))
+    clock.now += 2
+    s = agg.status("r1")
+    assert s.state == "failed" and "accepted from: nobody" in s.reason
+
+
+def test_submission_that_arrives_after_the_deadline(agg, client_key, clock, models):
+    cfg = config(clients=3, min_clients=1, deadline=clock.now + 5)
+    agg.create_round(cfg)
+    ms = models(2)
+    submit(agg, client_key, cfg, "a", ms[0], 1.0)
+    header, chunks = update(client_key, cfg, "b", ms[1], 1.0)
+
+    def late():  # the deadline passes while the update streams in
+        yield chunks[0]
+        clock.now += 10
+
+    with pytest.raises(RoundStateError, match="is closed"):
+        agg.submit(header, late())
+    assert agg.status("r1").clients == ("a",)
+
+
+# -- restarts ----------------------------------------------------------------------------------------
+
+
+def test_restart_mid_round_replays_accepted_updates(agg, server_key, client_key, clock, models, helpers):
+    cfg = config()
+    agg.create_round(cfg)
+    ms, weights = models(3), [9.0, 1.0, 30.0]
+    h0, c0 = update(client_key, cfg, "site-0", ms[0], weights[0])
+    agg.submit(h0, iter(c0))
+    submit(agg, client_key, cfg, "site-1", ms[1], weights[1])
+    # A partial upload left behind by a crash must not count.
+    (agg.state_dir / "rounds" / "r1" / "incoming" / "site-2.abc.part").write_bytes(b"junk")
+
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    s = agg2.status("r1")
+    assert (s.state, s.submitted, s.clients) == ("collecting", 2, ("site-0", "site-1"))
+    assert not any((agg.state_dir / "rounds" / "r1" / "incoming").iterdir())
+    again = agg2.submit(h0, iter(c0))  # the client's retry after the crash
+    assert again.already_accepted and again.submitted == 2
+    with pytest.raises(DuplicateSubmissionError):
+        submit(agg2, client_key, cfg, "site-1", ms[1], weights[1])
+    submit(agg2, client_key, cfg, "site-2", ms[2], weights[2])
+    assert agg2.status("r1").state == "closed"
+    check_average(agg2, client_key, cfg, ms, weights, helpers)
+
+    # And a closed round survives a restart as it was.
+    agg3 = Aggregator(server_key, agg.state_dir, clock=clock)
+    assert agg3.status("r1").clients == ("site-0", "site-1", "site-2")
+    check_average(agg3, client_key, cfg, ms, weights, helpers)
+
+
+def test_restart_after_the_last_update_still_acknowledges_its_resend(agg, server_key, client_key, clock, models):
+    """The reply to the update that closed the round was lost in a crash: the client's resend is acknowledged."""
+    cfg = config(clients=2)
+    agg.create_round(cfg)
+    ms = models(2)
+    submit(agg, client_key, cfg, "a", ms[0], 1.0)
+    h, c = update(client_key, cfg, "b", ms[1], 1.0)
+    agg.submit(h, iter(c))
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    r = agg2.submit(h, iter(c))
+    assert r.already_accepted and r.submitted == 2
+    with pytest.raises(DuplicateSubmissionError):
+        submit(agg2, client_key, cfg, "b", ms[1], 1.0)
+
+
+def test_restart_keeps_deadline_and_failed_state(agg, server_key, client_key, clock, models):
+    cfg = config(clients=3, min_clients=2, deadline=clock.now + 30)
+    agg.create_round(cfg)
+    agg.create_round(config(round_id="r2", clients=2, deadline=clock.now + 5))
+    submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
+    clock.now += 10
+    assert agg.status("r2").state == "failed"
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    assert agg2.status("r2").state == "failed" and "nobody" in agg2.status("r2").reason
+    assert agg2.status("r1").state == "collecting"
+    clock.now += 30
+    assert agg2.status("r1").state == "failed"
+
+
+def test_client_ids_that_look_like_temporary_files_survive_a_restart(agg, server_key, client_key, clock, models,
+                                                                      helpers):
+    cfg = config(clients=3)
+    agg.create_round(cfg)
+    ms, weights = models(3), [1.0, 2.0, 3.0]
+    submit(agg, client_key, cfg, "site.tmp", ms[0], weights[0])
+    submit(agg, client_key, cfg, "site.part", ms[1], weights[1])
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    assert agg2.status("r1").clients == ("site.part", "site.tmp")
+    submit(agg2, client_key, cfg, "x", ms[2], weights[2])
+    check_average(agg2, client_key, cfg, ms, weights, helpers)
+
+
+def test_state_dir_of_another_key_is_refused(agg, other_keypair):
+    agg.create_round(config())
+    with pytest.raises(KeyFileError, match=f"belongs to key {agg.key.key_id}"):
+        Aggregator(load_server_key(other_keypair.server), agg.state_dir)
+    assert (agg.state_dir / "key_id").read_text().strip() == agg.key.key_id

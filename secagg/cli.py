@@ -88,6 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="where to write the global model (same format as the template)")
     f.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the round to close")
     f.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sim = sub.add_parser("simulate", help="merge several sites' models through a real loopback aggregator",
+                         epilog=EPILOG, description="Run a merge method on every site's model and data, with real "
+                         "encryption and a real aggregator on 127.0.0.1. Methods: mean, align, regmean, readout, "
+                         "linear, init, auto, or a '+'-joined pipeline such as align+regmean+readout.")
+    sim.add_argument("--method", required=True, help="merge method (auto is the recommended choice)")
+    sim.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
+    sim.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
+    sim.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
+    sim.add_argument("--site", nargs=2, action="append", required=True, metavar=("MODEL", "DATA"),
+                     help="a site's model file and its DATA.npz (x: samples, timesteps, features; y: targets)")
+    sim.add_argument("--seed", type=int, default=0, help="seed for local training and initialization")
+
+    dg = sub.add_parser("diagnose", help="say why a merged model gives nonsense on a site's data", epilog=EPILOG)
+    dg.add_argument("--model", required=True, help="the merged (global) model")
+    dg.add_argument("--data", required=True, help="the site's DATA.npz (x, y normalized; optional y_raw)")
+    dg.add_argument("--scaler", help="JSON scaler used to de-normalize (mean, std, log1p); needs y_raw in DATA")
     return p
 
 
@@ -125,6 +142,20 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"round": r.round_id, "client_id": r.client_id, "submitted": r.submitted,
                           "already_accepted": r.already_accepted, "num_params": r.num_params,
                           "wire_bytes": r.wire_bytes, "bytes_per_param": round(r.wire_bytes / r.num_params, 3)}))
+    elif args.command == "simulate":
+        from secagg.merge.simulate import simulate
+
+        if args.finetune_rounds < 0 or args.finetune_epochs < 1:
+            raise SecAggError("--finetune-rounds must be >= 0 and --finetune-epochs >= 1")
+        result = simulate(args.method, [tuple(s) for s in args.site], args.out, args.finetune_rounds,
+                          args.finetune_epochs, args.seed)
+        print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
+                          "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "wire_bytes": s.wire_bytes}
+                                    for s in result.steps]}))
+    elif args.command == "diagnose":
+        from secagg.merge.diagnose import diagnose
+
+        print(json.dumps(diagnose(args.model, args.data, args.scaler).to_json_dict()))
     elif args.command == "fetch":
         out = secagg.fetch(args.server, args.round, args.key, args.template, args.out, args.wait,
                            progress=_Progress(args.quiet))

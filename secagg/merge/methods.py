@@ -1,0 +1,292 @@
+"""Merge methods, written from one site's point of view (see ``secagg.merge.protocol``).
+
+Each method is a generator: it yields :class:`Exchange` contributions and receives encrypted
+averages back. What a site contributes, per method:
+
+* ``mean``     its weights, weighted by its sample count (the plain average).
+* ``align``    its weights after permuting its hidden units to match the previous global model,
+               matched on the correlation of hidden activations on its own data (Hungarian).
+               Round 0's reference is the plain average; each further round re-aligns to the
+               latest global model.
+* ``regmean``  per linear map (every LSTM layer's gates are a linear map of [x_t, h_{t-1}, 1];
+               every Dense layer's output of [input, 1]): the Gram matrix G = X^T X / n of its
+               inputs and G W. Clients solve W = (sum G')^-1 sum G W, where G' has off-diagonal
+               terms shrunk by ``alpha`` (RegMean, Jin et al. 2023).
+* ``readout``  H^T H / n and H^T y / n, H being the current global model's last hidden features
+               on its own training data; the output layer is refit in closed form (ridge).
+* ``linear``   X^T X / n and X^T y / n of its flattened input windows: a ridge model pooled
+               across sites, exactly what pooling the data would give a linear model.
+* ``auto``     builds candidates (mean+readout, align+readout, align+regmean+readout), then
+               its mean squared error of every candidate on its own validation data; the
+               candidate with the lowest pooled error wins (secure model selection).
+
+Sums of statistics are encrypted weighted averages with the sample count as weight, which is
+the pooled statistic divided by the total count; ridge solutions are unchanged by that factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from secagg.errors import SecAggError
+from secagg.merge.protocol import Exchange, SiteProtocol
+
+STATS_BOUND = 1e4  # |value| bound for statistics exchanges (normalized data gives entries of order 1-100)
+RIDGE = 1e-3
+
+
+@dataclasses.dataclass
+class Site:
+    """One site's view: its own model (as a numpy network) and its own data, nothing else."""
+
+    name: str
+    network: "object"  # secagg.merge.network.Network
+    x: np.ndarray
+    y: np.ndarray
+    rebuild: Callable[[dict], "object"]  # tensors with this site's names -> Network
+    trainer: Callable[["object", np.ndarray, np.ndarray, int, int], "object"] | None = None
+    reinit: Callable[["object", int], "object"] | None = None  # draws a fresh initialization (for 'init')
+    val_fraction: float = 0.2
+    match_samples: int = 2048
+    aligned: "object" = None  # set by align(): this site's model permuted to the global model's unit order
+
+    def __post_init__(self) -> None:
+        if self.y.ndim == 1:
+            self.y = self.y[:, None]
+        if len(self.x) != len(self.y) or len(self.x) < 10:
+            raise SecAggError(f"site {self.name}: x and y must have the same, non-trivial number of samples")
+        cut = int(len(self.x) * (1 - self.val_fraction))
+        # Time-ordered data: validate on the latest part, never on a shuffled sample.
+        self.x_train, self.y_train = self.x[:cut], self.y[:cut]
+        self.x_val, self.y_val = self.x[cut:], self.y[cut:]
+
+    @property
+    def n(self) -> float:
+        return float(len(self.x_train))
+
+    def match_sample(self) -> np.ndarray:
+        """A fixed, evenly spaced subsample of the training inputs for activation matching."""
+        idx = np.linspace(0, len(self.x_train) - 1, min(self.match_samples, len(self.x_train))).astype(int)
+        return self.x_train[idx]
+
+
+# -- building blocks ------------------------------------------------------------------------------
+
+
+def mean(site: Site, net=None, name: str = "mean") -> SiteProtocol:
+    """The sample-weighted average of the sites' weights."""
+    net = site.network if net is None else net
+    average = yield Exchange(name, net.to_tensors(), site.n)
+    return site.rebuild(average)
+
+
+def align(site: Site, iterations: int = 2, reference=None) -> SiteProtocol:
+    """Iterated activation matching against the latest global model, then averaging.
+
+    Without a ``reference`` (a model every site may see), round 0's plain average is the first one.
+    Sets ``site.aligned``: this site's own model, permuted to match the final global model.
+    """
+    from secagg.merge.align import apply_permutations, match_activations
+
+    if reference is None:
+        reference = yield from mean(site, name="align0")
+    x = site.match_sample()
+    for k in range(1, iterations + 1):
+        perms = match_activations(reference, site.network, x)
+        aligned = apply_permutations(site.network, perms)
+        reference = yield from mean(site, aligned, name=f"align{k}")
+    site.aligned = apply_permutations(site.network, match_activations(reference, site.network, x))
+    return reference
+
+
+def regmean(site: Site, net=None, alpha: float = 0.9, name: str = "regmean") -> SiteProtocol:
+    """RegMean over encrypted sums of Gram matrices, for every layer of ``net`` (this site's, aligned)."""
+    from secagg.merge.network import Dense, Recurrent
+
+    net = site.network if net is None else net
+    inputs = net.linear_inputs(site.x_train)
+    stats: dict[str, np.ndarray] = {}
+    for i, (layer, rows) in enumerate(zip(net.layers, inputs)):
+        w = _stacked(layer)
+        gram = rows.T @ rows / len(rows)
+        stats[f"g{i}"] = gram
+        stats[f"gw{i}"] = gram @ w
+    pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
+    merged = net
+    for i, layer in enumerate(net.layers):
+        g = pooled[f"g{i}"]
+        shrunk = alpha * g + (1 - alpha) * np.diag(np.diag(g))
+        w = np.linalg.solve(shrunk + RIDGE * np.eye(len(g)) * np.trace(g) / len(g), pooled[f"gw{i}"])
+        merged = merged.replace(i, _unstacked(layer, w))
+    return merged
+
+
+def readout(site: Site, net, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
+    """Refit ``net``'s output layer in closed form from pooled H^T H and H^T y."""
+    fitted = yield from readout_many(site, {"net": net}, name, ridge)
+    return fitted["net"]
+
+
+def readout_many(site: Site, nets: dict, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
+    """Readout refits of several candidate networks in one encrypted exchange."""
+    stats = {}
+    for key, net in nets.items():
+        h = _with_ones(net.features(site.x_train))
+        stats[f"{key}.hth"] = h.T @ h / len(h)
+        stats[f"{key}.hty"] = h.T @ site.y_train / len(h)
+    pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
+    out = {}
+    for key, net in nets.items():
+        w = _ridge(pooled[f"{key}.hth"], pooled[f"{key}.hty"], ridge)
+        last = net.layers[-1]
+        out[key] = net.replace(len(net.layers) - 1, dataclasses.replace(last, kernel=w[:-1], bias=w[-1]))
+    return out
+
+
+def linear(site: Site, ridge: float = RIDGE) -> SiteProtocol:
+    """The pooled ridge regression on flattened input windows: (W, b)."""
+    x = _with_ones(site.x_train.reshape(len(site.x_train), -1))
+    pooled = yield Exchange("linear", {"xtx": x.T @ x / len(x), "xty": x.T @ site.y_train / len(x)}, site.n,
+                            value_bound=STATS_BOUND)
+    w = _ridge(pooled["xtx"], pooled["xty"], ridge)
+    return w[:-1], w[-1]
+
+
+def score(site: Site, candidates: dict, name: str = "score") -> SiteProtocol:
+    """Pooled validation MSE of each candidate: every site scores on its own validation data."""
+    mse = {k: float(np.mean((net.forward(site.x_val) - site.y_val) ** 2)) for k, net in candidates.items()}
+    keys = sorted(candidates)
+    # Scores are averaged like everything else; clip so one broken candidate cannot overflow the round.
+    pooled = yield Exchange(name, {"mse": np.array([min(mse[k], 1e3) for k in keys])}, float(len(site.x_val)),
+                            value_bound=1e3)
+    return dict(zip(keys, pooled["mse"].tolist()))
+
+
+def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
+    """FedAvg: ``rounds`` times, train ``epochs`` locally from the global model, then average."""
+    if rounds and site.trainer is None:
+        raise SecAggError("fine-tune rounds need local training, which this model format does not support")
+    for r in range(rounds):
+        local = site.trainer(net, site.x_train, site.y_train, epochs, r)
+        net = yield from mean(site, local, name=f"finetune{r + 1}")
+    return net
+
+
+# -- methods by name --------------------------------------------------------------------------------
+
+BASE_METHODS = ("mean", "align", "regmean", "readout", "linear", "auto", "init")
+
+
+def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1) -> SiteProtocol:
+    """The protocol for ``method``: a base method or a '+'-joined pipeline, e.g. 'align+regmean+readout'."""
+    parts = method.split("+")
+    unknown = [p for p in parts if p not in BASE_METHODS]
+    if unknown:
+        raise SecAggError(f"unknown merge method {'+'.join(unknown)!r}; choose from {', '.join(BASE_METHODS)} "
+                          "or a '+'-joined pipeline such as align+regmean+readout")
+    info: dict = {}
+    if parts == ["linear"]:
+        return (yield from linear(site)), info
+    if "linear" in parts:
+        raise SecAggError("'linear' is a model of its own and cannot be combined with other methods")
+    if parts == ["auto"]:
+        net, info = yield from auto(site)
+    else:
+        net = yield from pipeline(site, parts)
+    net = yield from finetune(site, net, finetune_rounds, finetune_epochs)
+    return net, info
+
+
+def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
+    """Run the building blocks in order: a base (mean, align or init), then regmean and/or readout."""
+    net = None
+    own = site.network
+    for part in parts:
+        if part == "mean":
+            net = yield from mean(site)
+        elif part == "align":
+            net = yield from align(site)
+            own = site.aligned
+        elif part == "init":
+            net = yield from common_init(site)
+        elif part == "regmean":
+            net = yield from regmean(site, own)
+        elif part == "readout":
+            net = yield from readout(site, net if net is not None else (yield from mean(site)))
+        elif part == "auto":
+            raise SecAggError("'auto' chooses its own pipeline; use it alone")
+    return net
+
+
+def auto(site: Site) -> SiteProtocol:
+    """Secure model selection among one-shot candidates; returns (network, info)."""
+    plain = yield from mean(site)
+    aligned_avg = yield from align(site, reference=plain)
+    candidates = {"mean": plain, "align": aligned_avg}
+    if all(_is_lstm_or_dense(layer) for layer in site.network.layers):
+        candidates["align+regmean"] = yield from regmean(site, site.aligned)
+    refit = yield from readout_many(site, candidates, name="auto-readout")
+    candidates.update({f"{k}+readout": v for k, v in refit.items()})
+    scores = yield from score(site, candidates)
+    best = min(scores, key=scores.get)
+    return candidates[best], {"chosen": best, "scores": scores}
+
+
+def common_init(site: Site, epochs: int = 5) -> SiteProtocol:
+    """Round 0 gives every site the first site's fresh initialization; sites train from it, then average."""
+    if site.trainer is None:
+        raise SecAggError("'init' needs local training, which this model format does not support")
+    if site.reinit is None:
+        raise SecAggError("'init' needs a way to draw a fresh initialization for this model format")
+    fresh = site.reinit(site.network, 0)
+    init = yield Exchange("init", fresh.to_tensors(), 1.0, only_first=True)
+    start = site.rebuild(init)
+    local = site.trainer(start, site.x_train, site.y_train, epochs, 0)
+    return (yield from mean(site, local, name="init-mean"))
+
+
+# -- linear algebra helpers -------------------------------------------------------------------------
+
+
+def _with_ones(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a, np.ones((len(a), 1))], axis=1)
+
+
+def _ridge(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
+    """Solve (G + lambda I') W = C, with no penalty on the last (bias) row."""
+    d = len(gram)
+    penalty = np.eye(d) * ridge * max(np.trace(gram[:-1, :-1]) / max(d - 1, 1), 1e-12)
+    penalty[-1, -1] = 0.0
+    return np.linalg.solve(gram + penalty, cross)
+
+
+def _is_lstm_or_dense(layer) -> bool:
+    return getattr(layer, "kind", "lstm") == "lstm"
+
+
+def _stacked(layer) -> np.ndarray:
+    """A layer's linear map as one matrix over its input rows [x, h, 1] (recurrent) or [x, 1] (dense)."""
+    from secagg.merge.network import Recurrent
+
+    if isinstance(layer, Recurrent):
+        bias = layer.bias + (layer.recurrent_bias if layer.recurrent_bias is not None else 0.0)
+        return np.concatenate([layer.kernel, layer.recurrent_kernel, bias[None, :]], axis=0)
+    bias = layer.bias if layer.bias is not None else np.zeros(layer.kernel.shape[1])
+    return np.concatenate([layer.kernel, bias[None, :]], axis=0)
+
+
+def _unstacked(layer, w: np.ndarray):
+    """Inverse of :func:`_stacked`; a torch-style second bias is folded into the first (same function for LSTM)."""
+    from secagg.merge.network import Recurrent
+
+    if isinstance(layer, Recurrent):
+        n_in = layer.kernel.shape[0]
+        units = layer.recurrent_kernel.shape[0]
+        rb = None if layer.recurrent_bias is None else np.zeros_like(layer.recurrent_bias)
+        return dataclasses.replace(layer, kernel=w[:n_in], recurrent_kernel=w[n_in : n_in + units], bias=w[-1],
+                                   recurrent_bias=rb)
+    return dataclasses.replace(layer, kernel=w[:-1], bias=w[-1] if layer.bias is not None else None)

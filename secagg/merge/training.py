@@ -1,0 +1,173 @@
+"""Local training for the merge methods that need it (fine-tune rounds, common init).
+
+Only sites train, each on its own data, in its own framework: Keras models are trained with the
+model file's own architecture (Adam, MSE); PyTorch state dicts that follow the convention of
+``secagg.merge.network`` are trained as a :func:`~secagg.merge.network.make_torch_regressor`.
+Also writes the pooled linear model as a Keras, PyTorch or npz file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from secagg.errors import ModelFormatError
+
+BATCH_SIZE = 256
+LEARNING_RATE = 1e-3
+
+
+def family(path: Path) -> str:
+    """'keras', 'torch' or 'npz' by suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".keras", ".h5"):
+        return "keras"
+    if suffix in (".pt", ".pth"):
+        return "torch"
+    if suffix == ".npz":
+        return "npz"
+    raise ModelFormatError(f"{path}: merging needs a Keras (.keras/.h5) or PyTorch (.pt/.pth) model")
+
+
+class Trainer:
+    """Trains, re-initializes and rebuilds networks of one site's model file."""
+
+    def __init__(self, model_path: str | Path, seed: int = 0) -> None:
+        self.model_path = Path(model_path)
+        self.family = family(self.model_path)
+        self.seed = seed
+        self._keras_model = None
+
+    @staticmethod
+    def rebuild(network):
+        """A function: averaged tensors (with this site's names) -> a network like ``network``."""
+        return network.with_tensors
+
+    # -- Keras ----------------------------------------------------------------------------------
+
+    def _keras(self):
+        from secagg.models import keras_files
+
+        keras = keras_files._import_keras("training", self.model_path)
+        if self._keras_model is None:
+            self._keras_model = keras_files._load(keras, self.model_path)
+        return keras, self._keras_model, keras_files._named_variables(keras, self._keras_model)
+
+    def _keras_set(self, network) -> None:
+        keras, model, variables = self._keras()
+        for name, value in network.to_tensors().items():
+            variables[name].assign(np.asarray(value, dtype=variables[name].dtype))
+
+    def _keras_get(self, network):
+        keras, _, variables = self._keras()
+        return network.with_tensors({n: np.asarray(keras.ops.convert_to_numpy(v)) for n, v in variables.items()})
+
+    # -- PyTorch --------------------------------------------------------------------------------
+
+    def _torch_module(self, network):
+        import torch
+
+        from secagg.merge.network import Recurrent, make_torch_regressor, network_from_tensors
+
+        recurrent = [layer for layer in network.layers if isinstance(layer, Recurrent)]
+        dense = [layer for layer in network.layers if not isinstance(layer, Recurrent)]
+        module = make_torch_regressor(recurrent[0].input_dim, [r.units for r in recurrent],
+                                      [d.output_dim for d in dense], recurrent[0].kind)
+        own = network_from_tensors({k: v.numpy() for k, v in module.state_dict().items()}, "torch")
+        return torch, module, own
+
+    def _torch_set(self, network):
+        torch, module, own = self._torch_module(network)
+        for i, layer in enumerate(network.layers):
+            own = own.replace(i, layer)
+        module.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in own.to_tensors().items()})
+        return torch, module, own
+
+    @staticmethod
+    def _torch_get(network, module, own):
+        trained = own.with_tensors({k: v.detach().numpy() for k, v in module.state_dict().items()})
+        out = network
+        for i, layer in enumerate(trained.layers):
+            out = out.replace(i, layer)
+        return out
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def train(self, network, x: np.ndarray, y: np.ndarray, epochs: int, round_index: int = 0):
+        """``network`` trained ``epochs`` epochs on (x, y); returns a network like it."""
+        if self.family == "keras":
+            keras, model, _ = self._keras()
+            keras.utils.set_random_seed(self.seed * 1000 + round_index)
+            self._keras_set(network)
+            model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="mse")
+            model.fit(x.astype(np.float32), y.astype(np.float32), epochs=epochs, batch_size=BATCH_SIZE, verbose=0)
+            return self._keras_get(network)
+        if self.family == "torch":
+            torch, module, own = self._torch_set(network)
+            torch.manual_seed(self.seed * 1000 + round_index)
+            opt = torch.optim.Adam(module.parameters(), lr=LEARNING_RATE)
+            xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+            for _ in range(epochs):
+                order = torch.randperm(len(xt))
+                for s in range(0, len(xt), BATCH_SIZE):
+                    idx = order[s : s + BATCH_SIZE]
+                    opt.zero_grad()
+                    loss = torch.nn.functional.mse_loss(module(xt[idx]), yt[idx])
+                    loss.backward()
+                    opt.step()
+            return self._torch_get(network, module, own)
+        raise ModelFormatError("training needs a Keras or PyTorch model file")
+
+    def reinit(self, network, seed: int):
+        """A fresh initialization of ``network``'s architecture, the same for every site given one ``seed``."""
+        if self.family == "keras":
+            keras, model, _ = self._keras()
+            keras.utils.set_random_seed(seed)
+            fresh = keras.models.clone_model(model)
+            from secagg.models import keras_files
+
+            variables = keras_files._named_variables(keras, fresh)
+            return network.with_tensors({n: np.asarray(keras.ops.convert_to_numpy(v)) for n, v in variables.items()})
+        if self.family == "torch":
+            import torch
+
+            torch.manual_seed(seed)
+            _, module, own = self._torch_module(network)
+            return self._torch_get(network, module, own)
+        raise ModelFormatError("re-initialization needs a Keras or PyTorch model file")
+
+
+def write_linear(template: Path, kernel: np.ndarray, bias: np.ndarray, input_shape: tuple, out: str | Path) -> Path:
+    """Write the pooled linear model y = flatten(x) @ kernel + bias in the template's framework.
+
+    Keras: Input -> Flatten -> Dense. PyTorch: a state dict ``{"linear.weight", "linear.bias"}`` for
+    ``nn.Sequential(nn.Flatten(), nn.Linear(...))`` named ``linear`` (load it into
+    ``torch.nn.Sequential(OrderedDict(flatten=nn.Flatten(), linear=nn.Linear(d, out)))``). npz: kernel, bias.
+    """
+    out = Path(out)
+    fam = family(template)
+    if family(out) != fam:
+        raise ModelFormatError(f"{out}: write the linear model in the sites' format ({Path(template).suffix})")
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix.lower()}")
+    try:
+        if fam == "keras":
+            from secagg.models import keras_files
+
+            keras = keras_files._import_keras("writing", out)
+            model = keras.Sequential([keras.Input(shape=tuple(int(d) for d in input_shape)), keras.layers.Flatten(name="flatten"),
+                                      keras.layers.Dense(kernel.shape[1], name="linear")], name="pooled_linear")
+            model.get_layer("linear").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+            model.save(str(tmp))
+        elif fam == "torch":
+            import torch
+
+            torch.save({"linear.weight": torch.as_tensor(kernel.T.astype(np.float32)),
+                        "linear.bias": torch.as_tensor(bias.astype(np.float32))}, tmp)
+        else:
+            np.savez(tmp, kernel=kernel, bias=bias)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench proto image clean
+.PHONY: install demo test test-fast bench bench-merge proto image clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/wire.py
+
+bench-merge: install
+	$(PY) benchmarks/merge_quality.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=secagg/transport --grpc_python_out=secagg/transport \

@@ -101,6 +101,37 @@ def _parser() -> argparse.ArgumentParser:
                      help="a site's model file and its DATA.npz (x: samples, timesteps, features; y: targets)")
     sim.add_argument("--seed", type=int, default=0, help="seed for local training and initialization")
 
+    mg = sub.add_parser("merge", help="take part in a merge as one site of a real federation", epilog=EPILOG,
+                        description="Run a merge method as this site: every site runs this command with its own "
+                        "model and data; each step is an encrypted round <round>.<k>.<step> on the aggregator.")
+    _server_round(mg)
+    mg.add_argument("--key", required=True, help="the federation's client.key")
+    mg.add_argument("--client-id", required=True, metavar="NAME", help="this site's name")
+    mg.add_argument("--model", required=True, help="this site's model (.keras, .h5, .pt, .pth)")
+    mg.add_argument("--data", required=True, help="this site's DATA.npz (x, y in the model's normalized space)")
+    mg.add_argument("--method", required=True, help="merge method, the same at every site")
+    mg.add_argument("--clients", required=True, type=int, metavar="N", help="number of sites taking part")
+    mg.add_argument("--coordinator", action="store_true",
+                    help="this site provides the common initialization of --method init")
+    mg.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
+    mg.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
+    mg.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for each step")
+    mg.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
+
+    sc = sub.add_parser("scaler", help="compute a scaler shared by all sites from encrypted sums", epilog=EPILOG,
+                        description="Every site runs this with its own raw data; all get the same per-feature mean "
+                        "and standard deviation (of log1p(values) with --log1p), and no site reveals its statistics.")
+    _server_round(sc)
+    sc.add_argument("--key", required=True, help="the federation's client.key")
+    sc.add_argument("--client-id", required=True, metavar="NAME", help="this site's name")
+    sc.add_argument("--data", required=True, help="npz with array 'values' (rows, features) of raw values")
+    sc.add_argument("--clients", required=True, type=int, metavar="N", help="number of sites taking part")
+    sc.add_argument("--log1p", action="store_true", help="scale log1p(values) (counts)")
+    sc.add_argument("--value-bound", type=float, default=1e3, metavar="B",
+                    help="bound on |f(value)|^2, the same at every site (default 1e3)")
+    sc.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for the others")
+    sc.add_argument("--out", required=True, metavar="SCALER_JSON", help="where to write the shared scaler")
+
     dg = sub.add_parser("diagnose", help="say why a merged model gives nonsense on a site's data", epilog=EPILOG)
     dg.add_argument("--model", required=True, help="the merged (global) model")
     dg.add_argument("--data", required=True, help="the site's DATA.npz (x, y normalized; optional y_raw)")
@@ -152,6 +183,30 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
                           "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "wire_bytes": s.wire_bytes}
                                     for s in result.steps]}))
+    elif args.command == "merge":
+        from secagg.merge.remote import run_site
+        from secagg.merge.simulate import load_site, write_result
+
+        site = load_site(args.client_id, args.model, args.data)
+        model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
+                               args.method, args.clients, args.coordinator, args.finetune_rounds,
+                               args.finetune_epochs, args.wait)
+        _, _, written = write_result(args.method, model, site, args.model, args.out)
+        print(json.dumps({"method": args.method, "out": str(written), "chosen": info}))
+    elif args.command == "scaler":
+        import numpy as np
+
+        from secagg.merge.remote import run_protocol
+        from secagg.merge.scaling import shared_scaler
+
+        with np.load(args.data, allow_pickle=False) as d:
+            if "values" not in d:
+                raise SecAggError(f"{args.data}: needs an array 'values' (rows, features) of raw values")
+            values = d["values"]
+        scaler = run_protocol(args.server, args.round, secagg.load_client_key(args.key), args.client_id,
+                              shared_scaler(values, args.log1p, args.value_bound), args.clients, wait=args.wait)
+        scaler.save(args.out)
+        print(json.dumps({"out": args.out, "mean": scaler.mean.tolist(), "std": scaler.std.tolist(), "site_rows": scaler.site_rows}))
     elif args.command == "diagnose":
         from secagg.merge.diagnose import diagnose
 

@@ -65,28 +65,34 @@ def simulate(
     """
     if len(sites) < 2:
         raise SecAggError("simulate needs at least two --site MODEL DATA pairs")
-    from secagg.merge.network import load_network
-
     model_paths = [Path(m) for m, _ in sites]
     suffixes = {training.family(p) for p in model_paths}
     if len(suffixes) != 1:
         raise ModelFormatError("all sites' models must be of one format (all Keras or all PyTorch)")
-    states = []
-    for i, (model_path, data_path) in enumerate(sites):
-        x, y = load_site_data(data_path)
-        net = load_network(model_path)
-        trainer = training.Trainer(model_path, seed=seed + i)
-        states.append(Site(f"site{i}", net, x, y, rebuild=trainer.rebuild(net), trainer=trainer.train,
-                           reinit=trainer.reinit))
+    states = [load_site(f"site{i}", model_path, data_path, seed + i) for i, (model_path, data_path) in enumerate(sites)]
     with Federation(workdir) as federation:
         results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs) for s in states})
         steps = list(federation.steps)
     model, info = results[states[0].name]
+    tensors, network, written = write_result(method, model, states[0], model_paths[0], out)
+    return SimulationResult(method, tensors, network, written, steps, info)
+
+
+def load_site(name: str, model_path: str | Path, data_path: str | Path, seed: int = 0) -> Site:
+    """A site's protocol state from its model file and DATA npz."""
+    from secagg.merge.network import load_network
+
+    x, y = load_site_data(data_path)
+    net = load_network(model_path)
+    trainer = training.Trainer(model_path, seed=seed)
+    return Site(name, net, x, y, rebuild=trainer.rebuild(net), trainer=trainer.train, reinit=trainer.reinit)
+
+
+def write_result(method: str, model, site: Site, template: Path, out: str | Path | None):
+    """(tensors, network or None, written path or None) for a method's result."""
     if method == "linear":
         kernel, bias = model
-        tensors = {"kernel": kernel, "bias": bias}
-        written = training.write_linear(model_paths[0], kernel, bias, states[0].x.shape[1:], out) if out else None
-        return SimulationResult(method, tensors, None, written, steps, info)
+        written = training.write_linear(Path(template), kernel, bias, site.x.shape[1:], out) if out else None
+        return {"kernel": kernel, "bias": bias}, None, written
     tensors = model.to_tensors()
-    written = write_model(model_paths[0], tensors, out) if out else None
-    return SimulationResult(method, tensors, model, written, steps, info)
+    return tensors, model, (write_model(template, tensors, out) if out else None)

@@ -1,0 +1,71 @@
+"""Run a merge method as one site of a real federation (``secagg merge``).
+
+Every site runs the same command with its own model and data. Each exchange of the method becomes
+a round ``<round>.<k>.<step>`` on the aggregator; whichever site arrives first creates it (the
+others find it existing and check it matches), every site submits its encrypted contribution and
+waits for the round to close, then decrypts the average and goes on. Exchanges in which only one
+party contributes (the common initialization of ``init``) are submitted by the site started with
+``coordinator=True``; the others only fetch.
+"""
+
+from __future__ import annotations
+
+from secagg.api import create_round, fetch_average, round_status, submit
+from secagg.errors import RoundExistsError, SecAggError
+from secagg.keys import ClientKey
+from secagg.merge.methods import Site, run_method
+from secagg.merge.protocol import SiteProtocol
+from secagg.packing import ModelSpec, unflatten
+
+
+def run_site(
+    server: str,
+    round_id: str,
+    key: ClientKey,
+    client_id: str,
+    site: Site,
+    method: str,
+    clients: int,
+    coordinator: bool = False,
+    finetune_rounds: int = 0,
+    finetune_epochs: int = 1,
+    wait: float = 3600.0,
+    max_weight: float = 1e6,
+):
+    """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``."""
+    protocol = run_method(site, method, finetune_rounds, finetune_epochs)
+    return run_protocol(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight)
+
+
+def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
+                 coordinator: bool = False, wait: float = 3600.0, max_weight: float = 1e6):
+    """Drive any site protocol generator against ``server``; returns its result."""
+    step = 0
+    try:
+        exchange = next(protocol)
+        while True:
+            sub_round = f"{round_id}.{step}.{exchange.name}"[:64]
+            contributors = 1 if exchange.only_first else clients
+            template = exchange.tensors
+            _ensure_round(server, sub_round, template, contributors, exchange.value_bound, max_weight)
+            if coordinator or not exchange.only_first:
+                submit(server, sub_round, key, client_id, template, exchange.weight)
+            average = fetch_average(server, sub_round, key, wait=wait)
+            exchange = protocol.send(unflatten(average.spec, average.vector, template))
+            step += 1
+    except StopIteration as stop:
+        return stop.value
+
+
+def _ensure_round(server, round_id, template, clients, value_bound, max_weight) -> None:
+    try:
+        create_round(server, round_id, template=template, clients=clients, value_bound=value_bound,
+                     max_weight=max_weight)
+    except RoundExistsError:
+        status = round_status(server, round_id)
+        spec = ModelSpec.of(template)
+        if status.spec_hash != spec.hash or status.expected != clients:
+            raise SecAggError(
+                f"round {round_id!r} exists but does not match this step (another method, model or number of "
+                "sites); all sites must run the same --method with the same --clients and architecture"
+            ) from None

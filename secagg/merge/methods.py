@@ -49,6 +49,7 @@ class Site:
     y: np.ndarray
     rebuild: Callable[[dict], "object"]  # tensors with this site's names -> Network
     trainer: Callable[["object", np.ndarray, np.ndarray, int, int], "object"] | None = None
+    fisher_info: Callable[["object", np.ndarray, np.ndarray], dict] | None = None  # diagonal Fisher per tensor
     reinit: Callable[["object", int], "object"] | None = None  # draws a fresh initialization (for 'init')
     val_fraction: float = 0.2
     match_samples: int = 2048
@@ -125,6 +126,31 @@ def regmean(site: Site, net=None, alpha: float = 0.9, name: str = "regmean") -> 
     return merged
 
 
+def fisher(site: Site, net=None, name: str = "fisher", eps: float = 1e-8) -> SiteProtocol:
+    """Diagonal-Fisher-weighted averaging: theta = sum(F_i * theta_i) / sum(F_i), from encrypted sums."""
+    if site.fisher_info is None:
+        raise SecAggError("'fisher' needs gradients, which this model format does not support")
+    net = site.network if net is None else net
+    theta = net.to_tensors()
+    info = site.fisher_info(net, site.x_train, site.y_train)
+    # Normalize by the site's mean Fisher so one site's loss scale cannot swamp the others; the
+    # sample count then weights sites as in the plain average.
+    scale = np.mean(np.concatenate([f.ravel() for f in info.values()])) or 1.0
+    stats = {}
+    for k, v in theta.items():
+        f = info[k] / scale
+        stats[f"ft.{k}"] = f * np.asarray(v, dtype=np.float64)
+        stats[f"f.{k}"] = f
+    pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
+    merged = {k: pooled[f"ft.{k}"] / (pooled[f"f.{k}"] + eps) for k in theta}
+    if any(np.any(pooled[f"f.{k}"] <= eps) for k in theta):
+        # No site has Fisher mass there (0/eps): use the plain average. Every site sees the same
+        # pooled values, so all of them take this extra step together.
+        plain = (yield from mean(site, net, name=f"{name}-mean")).to_tensors()
+        merged = {k: np.where(pooled[f"f.{k}"] <= eps, plain[k], merged[k]) for k in theta}
+    return site.rebuild(merged)
+
+
 def readout(site: Site, net, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
     """Refit ``net``'s output layer in closed form from pooled H^T H and H^T y."""
     fitted = yield from readout_many(site, {"net": net}, name, ridge)
@@ -178,7 +204,7 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
 
 # -- methods by name --------------------------------------------------------------------------------
 
-BASE_METHODS = ("mean", "align", "regmean", "readout", "linear", "auto", "init")
+BASE_METHODS = ("mean", "align", "regmean", "fisher", "readout", "linear", "auto", "init")
 
 
 def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1) -> SiteProtocol:
@@ -215,6 +241,8 @@ def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
             net = yield from common_init(site)
         elif part == "regmean":
             net = yield from regmean(site, own)
+        elif part == "fisher":
+            net = yield from fisher(site, own)
         elif part == "readout":
             net = yield from readout(site, net if net is not None else (yield from mean(site)))
         elif part == "auto":

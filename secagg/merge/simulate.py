@@ -85,7 +85,8 @@ def load_site(name: str, model_path: str | Path, data_path: str | Path, seed: in
     x, y = load_site_data(data_path)
     net = load_network(model_path)
     trainer = training.Trainer(model_path, seed=seed)
-    return Site(name, net, x, y, rebuild=trainer.rebuild(net), trainer=trainer.train, reinit=trainer.reinit)
+    return Site(name, net, x, y, rebuild=trainer.rebuild(net), trainer=trainer.train, reinit=trainer.reinit,
+                fisher_info=trainer.fisher)
 
 
 def write_result(method: str, model, site: Site, template: Path, out: str | Path | None):

@@ -120,6 +120,39 @@ class Trainer:
             return self._torch_get(network, module, own)
         raise ModelFormatError("training needs a Keras or PyTorch model file")
 
+    def fisher(self, network, x: np.ndarray, y: np.ndarray, batch_size: int = 32, max_batches: int = 64) -> dict:
+        """Diagonal empirical Fisher of the MSE loss per tensor name: the mean squared mini-batch gradient."""
+        idx = np.linspace(0, len(x) - 1, min(len(x), batch_size * max_batches)).astype(int)
+        batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
+        if self.family == "keras":
+            import tensorflow as tf
+
+            keras, model, variables = self._keras()
+            self._keras_set(network)
+            names, tvars = list(variables), list(variables.values())
+            sums = [np.zeros(v.shape) for v in tvars]
+            for b in batches:
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean((model(x[b].astype(np.float32), training=False) - y[b].astype(np.float32)) ** 2)
+                for s, g in zip(sums, tape.gradient(loss, tvars)):
+                    s += np.zeros(s.shape) if g is None else np.asarray(g) ** 2
+            return {n: s / len(batches) for n, s in zip(names, sums)}
+        if self.family == "torch":
+            torch, module, own = self._torch_set(network)
+            sums = {k: np.zeros(tuple(p.shape)) for k, p in module.named_parameters()}
+            for b in batches:
+                module.zero_grad()
+                out = module(torch.as_tensor(x[b], dtype=torch.float32))
+                torch.nn.functional.mse_loss(out, torch.as_tensor(y[b], dtype=torch.float32)).backward()
+                for k, p in module.named_parameters():
+                    sums[k] += p.grad.detach().numpy().astype(np.float64) ** 2
+            fisher_net = own.with_tensors({k: v / len(batches) for k, v in sums.items()})
+            out_net = network
+            for i, layer in enumerate(fisher_net.layers):
+                out_net = out_net.replace(i, layer)
+            return out_net.to_tensors()
+        raise ModelFormatError("the Fisher information needs a Keras or PyTorch model file")
+
     def reinit(self, network, seed: int):
         """A fresh initialization of ``network``'s architecture, the same for every site given one ``seed``."""
         if self.family == "keras":

@@ -38,7 +38,8 @@ import forecast  # noqa: E402
 #: Report rows, in table order: key -> label.
 ROWS: dict[str, str] = {
     "local_own": "local model, own sensor (reference)",
-    "encrypted_average": "encrypted weight average",
+    "encrypted_average": "encrypted weight average (user's recipe)",
+    "encrypted_auto": "encrypted auto merge (secagg)",
     "plaintext_average": "plaintext weight average",
     "output_ensemble": "output ensemble (mean of local preds)",
     "local_transferred": "single local model (mean over models)",
@@ -76,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--horizon", type=int, help="hours ahead (default 1)")
     p.add_argument("--seed", type=int, help="sensor choice and base of per-site seeds (default 0)")
     p.add_argument("--workdir", type=Path, help="keep keys/models here instead of a temp dir")
+    p.add_argument("--plot", type=Path, default=Path("demo-forecast.png"), help="forecast plot (PNG) path")
     return p.parse_args(argv)
 
 
@@ -180,6 +182,75 @@ def encrypted_round(records: list[dict[str, Any]], work: Path, watch: Stopwatch
     return Path(out), receipts
 
 
+def auto_merge(records: list[dict[str, Any]], train_data: list[forecast.SiteData], work: Path
+               ) -> tuple[Path, dict[str, Any]]:
+    """The recommended merge: ``secagg simulate --method auto`` through a real loopback aggregator."""
+    from secagg.merge.simulate import simulate
+
+    sites = []
+    for rec, data in zip(records, train_data):
+        npz = forecast.save_site_data(data, work / "data" / f"{rec['client_id']}.npz")
+        sites.append((rec["path"], npz))
+    result = simulate("auto", sites, out=work / "auto.keras")
+    info = {"chosen": result.chosen.get("chosen"), "scores": result.chosen.get("scores"),
+            "encrypted_steps": len(result.steps), "wire_bytes": sum(s.wire_bytes for s in result.steps),
+            "seconds": sum(s.seconds for s in result.steps)}
+    return Path(result.out), info
+
+
+def descaling(heldout: list[forecast.SiteData], train_data: list[forecast.SiteData], model: Any
+              ) -> dict[str, float]:
+    """Mean absolute error in people/hour on the held-out sensors: own scaler vs another site's.
+
+    A model that is right in normalized space, de-normalized with another site's statistics,
+    gives "trend right, values wrong"; each site must use its own scaler (or a shared one).
+    """
+    own, wrong = [], []
+    for d in heldout:
+        x, y = d.test_xy()
+        z = forecast.predict(model, x)
+        truth = d.scaler.inverse(y)
+        other = max(train_data, key=lambda t: abs(t.scaler.mean - d.scaler.mean)).scaler
+        own.append(float(np.mean(np.abs(d.scaler.inverse(z) - truth))))
+        wrong.append(float(np.mean(np.abs(other.inverse(z) - truth))))
+    return {"own_scaler_mae": float(np.mean(own)), "other_site_scaler_mae": float(np.mean(wrong))}
+
+
+def plot_forecasts(path: Path, d: forecast.SiteData, models: dict[str, Any], other: forecast.SiteScaler,
+                   hours: int = 96) -> Path:
+    """Truth vs plain average vs auto vs ensemble on a held-out sensor, and the wrong-scaler picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = d.test_xy()
+    x, y = x[:hours], y[:hours]
+    truth = d.scaler.inverse(y)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    top.plot(truth, color="black", lw=2, label="truth")
+    for label, model in models.items():
+        pred = model(x) if callable(model) and not hasattr(model, "predict") else forecast.predict(model, x)
+        top.plot(d.scaler.inverse(pred), lw=1.3, label=label)
+    top.set_ylabel("pedestrians / hour")
+    top.set_title(f"held-out sensor {d.sensor!r}: next-hour forecasts (never trained on this sensor)")
+    top.legend(loc="upper right", fontsize=8)
+    auto = models["encrypted auto merge"]
+    z = forecast.predict(auto, x)
+    bottom.plot(truth, color="black", lw=2, label="truth")
+    bottom.plot(d.scaler.inverse(z), lw=1.3, label="auto, de-scaled with this sensor's own scaler")
+    bottom.plot(other.inverse(z), lw=1.3, ls="--", label="auto, de-scaled with another site's scaler")
+    bottom.set_ylabel("pedestrians / hour")
+    bottom.set_xlabel("hour of the test period")
+    bottom.set_title("the same forecast, wrong scaler: trend right, values wrong")
+    bottom.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def wait_closed(secagg: Any, address: str, round_id: str, timeout: float) -> None:
     """Poll the round status until it is closed; raise if it failed or timed out."""
     deadline = time.monotonic() + timeout
@@ -222,7 +293,7 @@ def keras_average(models: list[Any], weights: list[float], seed: int, window: in
 
 
 def evaluate(records: list[dict[str, Any]], train_data: list[forecast.SiteData],
-             heldout: list[forecast.SiteData], enc_model: Any, plain_model: Any
+             heldout: list[forecast.SiteData], enc_model: Any, plain_model: Any, auto_model: Any
              ) -> dict[str, dict[str, dict[str, float]]]:
     """NRMSE per row key, per group ("heldout"/"train"), per sensor.
 
@@ -237,6 +308,7 @@ def evaluate(records: list[dict[str, Any]], train_data: list[forecast.SiteData],
             preds = [forecast.predict(m, x) for m in locals_]
             row = {
                 "encrypted_average": forecast.rmse(forecast.predict(enc_model, x), y),
+                "encrypted_auto": forecast.rmse(forecast.predict(auto_model, x), y),
                 "plaintext_average": forecast.rmse(forecast.predict(plain_model, x), y),
                 "output_ensemble": forecast.rmse(np.mean(preds, axis=0), y),
                 "persistence": forecast.persistence_nrmse(d),
@@ -278,7 +350,8 @@ def format_table(res: dict[str, dict[str, dict[str, float]]], heldout: list[str]
     return "\n".join(lines)
 
 
-def run(cfg: DemoConfig, report_path: Path, workdir: Path | None) -> dict[str, Any]:
+def run(cfg: DemoConfig, report_path: Path, workdir: Path | None, plot_path: Path = Path("demo-forecast.png")
+        ) -> dict[str, Any]:
     """The whole demo; returns the report (also written to ``report_path``)."""
     watch = Stopwatch()
     import keras  # noqa: F401  (TF start-up, timed on its own)
@@ -312,7 +385,20 @@ def run(cfg: DemoConfig, report_path: Path, workdir: Path | None) -> dict[str, A
         enc_model = keras.models.load_model(global_path, compile=False)
         plain_model = keras_average([r["model"] for r in records], weights, 0, cfg.window)
         watch.lap("plaintext_compare")
-        res = evaluate(records, train_data, heldout_data, enc_model, plain_model)
+        print("encrypted auto merge (secure model selection) ...", flush=True)
+        auto_path, auto_info = auto_merge(records, train_data, work)
+        auto_model = keras.models.load_model(auto_path, compile=False)
+        watch.lap("auto_merge")
+        res = evaluate(records, train_data, heldout_data, enc_model, plain_model, auto_model)
+        scaling = descaling(heldout_data, train_data, auto_model)
+        d0 = heldout_data[0]
+        other = max(train_data, key=lambda t: abs(t.scaler.mean - d0.scaler.mean)).scaler
+        locals_ = [r["model"] for r in records]
+        plot_forecasts(plot_path, d0, {
+            "plain weight average (user's recipe)": enc_model,
+            "encrypted auto merge": auto_model,
+            "output ensemble (not private)": lambda x: np.mean([forecast.predict(m, x) for m in locals_], axis=0),
+        }, other)
         watch.lap("evaluate")
 
     total = time.perf_counter() - _T_PROCESS
@@ -325,6 +411,9 @@ def run(cfg: DemoConfig, report_path: Path, workdir: Path | None) -> dict[str, A
         "receipts": receipts,
         "wire_bytes_per_param": float(np.mean([r["bytes_per_param"] for r in receipts])),
         "max_abs_diff": diff,
+        "auto": auto_info,
+        "descaling_mae_people_per_hour": scaling,
+        "plot": str(plot_path),
         "nrmse": {k: {"label": ROWS[k], **res[k], "heldout_mean": _mean(res[k]["heldout"]),
                       "train_mean": _mean(res[k]["train"])} for k in ROWS},
         "seconds": {**watch.seconds, "total": total},
@@ -345,6 +434,13 @@ def print_report(report: dict[str, Any], res: dict[str, Any], heldout: list[str]
     print(format_table(res, heldout))
     print()
     print(f"max |encrypted average - plaintext float64 average| = {report['max_abs_diff']:.3e}")
+    a = report["auto"]
+    print(f"auto chose {a['chosen']!r} by pooled validation error over {a['encrypted_steps']} encrypted rounds "
+          f"({a['wire_bytes'] / 1e6:.1f} MB on the wire, {a['seconds']:.1f}s)")
+    sc = report["descaling_mae_people_per_hour"]
+    print(f"auto on held-out sensors, MAE in people/hour: own scaler {sc['own_scaler_mae']:.1f}, "
+          f"another site's scaler {sc['other_site_scaler_mae']:.1f} (trend right, values wrong)")
+    print(f"plot: {report['plot']}")
     r = report["receipts"]
     print(f"wire: {r[0]['num_params']} params, {np.mean([x['wire_bytes'] for x in r]):.0f} "
           f"bytes/site, {report['wire_bytes_per_param']:.1f} bytes/param")
@@ -359,7 +455,7 @@ def print_report(report: dict[str, Any], res: dict[str, Any], heldout: list[str]
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    run(config_from(args), args.report, args.workdir)
+    run(config_from(args), args.report, args.workdir, args.plot)
     return 0
 
 

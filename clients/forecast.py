@@ -6,12 +6,13 @@ mean/std), cuts it into windows of the last ``window`` hours, and trains a small
 the value ``horizon`` hours ahead.  All errors are reported as RMSE in the site's normalized space
 (NRMSE), so sensors with very different traffic levels are comparable.
 
-Keras/TensorFlow is imported lazily, inside the functions that need it, so the data helpers are
-cheap to import (tests, ``--help``).
+Keras/TensorFlow and PyTorch are imported lazily, inside the functions that need them, so the
+data helpers are cheap to import (tests, ``--help``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Sequence
@@ -38,6 +39,9 @@ HORIZON: int = 1
 TRAIN_ROWS: tuple[int, int] = (0, 17520)
 #: Default test rows: 182 days, 2023-07-01 06:00 .. 2023-12-30 05:59.
 TEST_ROWS: tuple[int, int] = (39408, 43776)
+#: Default validation rows: the 182 days before the test period, 2022-12-31 06:00 .. 2023-07-01
+#: 05:59 (after training, before testing: for choosing among models without touching the test).
+VAL_ROWS: tuple[int, int] = (35040, 39408)
 #: Sensors with a missing fraction below this are "clean".
 MAX_MISSING: float = 0.01
 
@@ -194,6 +198,38 @@ def prepare_site(
     return SiteData(sensor, scaler, z, train_t, test_t, window, horizon)
 
 
+def rows_xy(
+    data: SiteData, rows: tuple[int, int], max_n: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of the site's targets in ``rows`` (e.g. :data:`VAL_ROWS`), at most ``max_n``."""
+    targets = subsample(target_indices(rows, data.window, data.horizon), max_n, seed)
+    return make_windows(data.z, targets, data.window, data.horizon)
+
+
+def save_xy(path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray) -> Path:
+    """Write a site's DATA file: ``x`` (samples, timesteps, features) and ``y`` (samples, outputs).
+
+    Both float32, in the site's normalized space, shaped exactly as the model takes and returns
+    them (a flat target vector becomes one output column).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float32)
+    y = y.reshape(len(y), -1)
+    if x.ndim != 3 or len(x) != len(y):
+        raise ValueError(f"need x (samples, timesteps, features) and y (samples, outputs); "
+                         f"got {x.shape} and {y.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:  # a file object: np.savez would append ".npz" to other names
+        np.savez(f, x=x, y=y)
+    return path
+
+
+def save_site_data(data: SiteData, path: str | os.PathLike[str]) -> Path:
+    """Export the site's training windows as its DATA npz (see :func:`save_xy`)."""
+    return save_xy(path, *data.train_xy())
+
+
 # ── model ───────────────────────────────────────────────────────────────────────────────────
 
 
@@ -225,13 +261,113 @@ def train_site(
     data: SiteData, *, seed: int, epochs: int = 4, batch_size: int = 256, verbose: int = 0
 ) -> tuple[keras.Model, int]:
     """Train a fresh LSTM on the site's training windows; returns ``(model, n_samples)``."""
+    x, y = data.train_xy()
+    model = train_windows(x, y, seed=seed, epochs=epochs, batch_size=batch_size, verbose=verbose)
+    return model, int(len(y))
+
+
+def train_windows(
+    x: np.ndarray, y: np.ndarray, *, seed: int, epochs: int = 4, batch_size: int = 256,
+    verbose: int = 0,
+) -> keras.Model:
+    """Train a fresh LSTM (:func:`build_lstm` from ``seed``) on windows ``x`` -> targets ``y``."""
     import keras
 
-    model = build_lstm(seed, window=data.window)
-    x, y = data.train_xy()
+    model = build_lstm(seed, window=x.shape[1])
     keras.utils.set_random_seed(seed)
     model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+    return model
+
+
+# ── PyTorch model ───────────────────────────────────────────────────────────────────────────
+
+
+def build_torch_lstm(seed: int, units: int = 32, features: int = 1) -> Any:
+    """The PyTorch twin of :func:`build_lstm`, initialized from ``seed``.
+
+    ``nn.LSTM(batch_first=True)`` named ``lstm`` whose last time step feeds ``nn.Linear`` named
+    ``head``: state-dict keys ``lstm.weight_ih_l0``, ``lstm.weight_hh_l0``, ``lstm.bias_ih_l0``,
+    ``lstm.bias_hh_l0``, ``head.weight``, ``head.bias`` (PyTorch's default initialization).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    return _torch_forecaster_class()(features, units)
+
+
+@functools.cache
+def _torch_forecaster_class() -> type:
+    """The ``nn.Module`` class of :func:`build_torch_lstm` (defined once torch is imported)."""
+    import torch
+
+    class LSTMForecaster(torch.nn.Module):
+        """Input ``(batch, window, features)`` -> LSTM -> last step -> Linear -> ``(batch, 1)``."""
+
+        def __init__(self, features: int, units: int) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(features, units, batch_first=True)
+            self.head = torch.nn.Linear(units, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            return self.head(out[:, -1, :])
+
+    return LSTMForecaster
+
+
+def train_torch(
+    model: Any, x: np.ndarray, y: np.ndarray, *, seed: int, epochs: int = 4,
+    batch_size: int = 256, lr: float = 1e-3,
+) -> Any:
+    """Plain PyTorch training: Adam, MSE, shuffled mini-batches (shuffling seeded); in place."""
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.float32).reshape(len(y), -1))
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def train_torch_site(
+    data: SiteData, *, seed: int, epochs: int = 4, batch_size: int = 256
+) -> tuple[Any, int]:
+    """Train a fresh PyTorch LSTM on the site's training windows; returns ``(model, n)``."""
+    x, y = data.train_xy()
+    model = train_torch(build_torch_lstm(seed), x, y, seed=seed, epochs=epochs,
+                        batch_size=batch_size)
     return model, int(len(y))
+
+
+def load_torch_lstm(path: str | os.PathLike[str]) -> Any:
+    """A :func:`build_torch_lstm` module holding the state dict saved at ``path``."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    units, features = state["lstm.weight_ih_l0"].shape
+    model = build_torch_lstm(0, units=units // 4, features=features)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def predict_torch(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """PyTorch model predictions as a flat float64 vector."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        parts = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size],
+                                                             dtype=np.float32))).numpy()
+                 for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts).astype(np.float64).reshape(-1) if parts else np.zeros(0)
 
 
 # ── evaluation ──────────────────────────────────────────────────────────────────────────────
@@ -285,6 +421,21 @@ def persistence_nrmse(data: SiteData) -> float:
     """NRMSE of predicting the last observed value (``horizon`` hours before the target)."""
     t = data.test_targets
     return rmse(data.z[t - data.horizon], data.z[t])
+
+
+def lag_forecast(data: SiteData, lag: int) -> np.ndarray:
+    """Seasonal-naive forecast of the test targets: the value ``lag`` hours before each one."""
+    if lag < data.horizon:
+        raise ValueError(f"a lag of {lag}h is in the future for a {data.horizon}h horizon")
+    t = data.test_targets
+    if t.min() < lag:
+        raise ValueError(f"targets need {lag} hours of history")
+    return data.z[t - lag]
+
+
+def same_hour_last_week_nrmse(data: SiteData) -> float:
+    """NRMSE of predicting the value 168 hours (one week) before the target."""
+    return rmse(lag_forecast(data, 168), data.z[data.test_targets])
 
 
 def same_hour_yesterday_nrmse(data: SiteData) -> float:

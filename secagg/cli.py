@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
     mg.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
     mg.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for each step")
+    mg.add_argument("--max-weight", type=float, default=1e5, metavar="W",
+                    help="the same at every site: at least the largest site's training rows (default 1e5)")
     mg.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
 
     sc = sub.add_parser("scaler", help="compute a scaler shared by all sites from encrypted sums", epilog=EPILOG,
@@ -130,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--value-bound", type=float, default=1e3, metavar="B",
                     help="bound on |f(value)|^2, the same at every site (default 1e3)")
     sc.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for the others")
+    sc.add_argument("--max-weight", type=float, default=1e5, metavar="W",
+                    help="the same at every site: at least the largest site's row count (default 1e5)")
     sc.add_argument("--out", required=True, metavar="SCALER_JSON", help="where to write the shared scaler")
 
     dg = sub.add_parser("diagnose", help="say why a merged model gives nonsense on a site's data", epilog=EPILOG)
@@ -190,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         site = load_site(args.client_id, args.model, args.data)
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
                                args.method, args.clients, args.coordinator, args.finetune_rounds,
-                               args.finetune_epochs, args.wait)
+                               args.finetune_epochs, args.wait, args.max_weight)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         print(json.dumps({"method": args.method, "out": str(written), "chosen": info}))
     elif args.command == "scaler":
@@ -204,7 +208,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise SecAggError(f"{args.data}: needs an array 'values' (rows, features) of raw values")
             values = d["values"]
         scaler = run_protocol(args.server, args.round, secagg.load_client_key(args.key), args.client_id,
-                              shared_scaler(values, args.log1p, args.value_bound), args.clients, wait=args.wait)
+                              shared_scaler(values, args.log1p, args.value_bound), args.clients, wait=args.wait,
+                              max_weight=args.max_weight)
         scaler.save(args.out)
         print(json.dumps({"out": args.out, "mean": scaler.mean.tolist(), "std": scaler.std.tolist(), "site_rows": scaler.site_rows}))
     elif args.command == "diagnose":

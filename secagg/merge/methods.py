@@ -53,6 +53,7 @@ class Site:
     reinit: Callable[["object", int], "object"] | None = None  # draws a fresh initialization (for 'init')
     val_fraction: float = 0.2
     match_samples: int = 2048
+    stats_samples: int = 4096  # windows per site for readout statistics (an evenly spaced subsample)
     aligned: "object" = None  # set by align(): this site's model permuted to the global model's unit order
 
     def __post_init__(self) -> None:
@@ -71,8 +72,19 @@ class Site:
 
     def match_sample(self) -> np.ndarray:
         """A fixed, evenly spaced subsample of the training inputs for activation matching."""
-        idx = np.linspace(0, len(self.x_train) - 1, min(self.match_samples, len(self.x_train))).astype(int)
-        return self.x_train[idx]
+        return self.x_train[self._spaced(self.match_samples)]
+
+    def stats_sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """A fixed, evenly spaced subsample of the training rows for second-moment statistics.
+
+        The statistics are per-row means, so a subsample estimates them; the site still weighs in
+        with its full row count. It bounds the numpy forward passes on large sites.
+        """
+        idx = self._spaced(self.stats_samples)
+        return self.x_train[idx], self.y_train[idx]
+
+    def _spaced(self, k: int) -> np.ndarray:
+        return np.unique(np.linspace(0, len(self.x_train) - 1, min(k, len(self.x_train))).astype(int))
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -109,7 +121,9 @@ def regmean(site: Site, net=None, alpha: float = 0.9, name: str = "regmean") -> 
     from secagg.merge.network import Dense, Recurrent
 
     net = site.network if net is None else net
-    inputs = net.linear_inputs(site.x_train)
+    # Every window contributes one row per time step, so a matching-size sample already gives
+    # tens of thousands of rows for Gram matrices of a few dozen columns.
+    inputs = net.linear_inputs(site.match_sample())
     stats: dict[str, np.ndarray] = {}
     for i, (layer, rows) in enumerate(zip(net.layers, inputs)):
         w = _stacked(layer)
@@ -160,16 +174,21 @@ def readout(site: Site, net, name: str = "readout", ridge: float = RIDGE) -> Sit
 def readout_many(site: Site, nets: dict, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
     """Readout refits of several candidate networks in one encrypted exchange."""
     stats = {}
+    x, y = site.stats_sample()
     for key, net in nets.items():
-        h = _with_ones(net.features(site.x_train))
+        h = net.features(x)
+        if net.layers[-1].bias is not None:
+            h = _with_ones(h)
         stats[f"{key}.hth"] = h.T @ h / len(h)
-        stats[f"{key}.hty"] = h.T @ site.y_train / len(h)
+        stats[f"{key}.hty"] = h.T @ y / len(h)
     pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
     out = {}
     for key, net in nets.items():
-        w = _ridge(pooled[f"{key}.hth"], pooled[f"{key}.hty"], ridge)
         last = net.layers[-1]
-        out[key] = net.replace(len(net.layers) - 1, dataclasses.replace(last, kernel=w[:-1], bias=w[-1]))
+        has_bias = last.bias is not None
+        w = _ridge(pooled[f"{key}.hth"], pooled[f"{key}.hty"], ridge, bias_row=has_bias)
+        layer = dataclasses.replace(last, kernel=w[:-1], bias=w[-1]) if has_bias else dataclasses.replace(last, kernel=w)
+        out[key] = net.replace(len(net.layers) - 1, layer)
     return out
 
 
@@ -215,6 +234,8 @@ def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epoch
         raise SecAggError(f"unknown merge method {'+'.join(unknown)!r}; choose from {', '.join(BASE_METHODS)} "
                           "or a '+'-joined pipeline such as align+regmean+readout")
     info: dict = {}
+    if parts == ["linear"] and finetune_rounds:
+        raise SecAggError("fine-tune rounds train the sites' network; the pooled linear model is exact already")
     if parts == ["linear"]:
         return (yield from linear(site)), info
     if "linear" in parts:
@@ -229,6 +250,18 @@ def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epoch
 
 def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
     """Run the building blocks in order: a base (mean, align or init), then regmean and/or readout."""
+    # Checked before the first exchange, so that no round is spent on a pipeline that cannot finish.
+    if "auto" in parts:
+        raise SecAggError("'auto' chooses its own pipeline; use it alone")
+    ranks = [_STAGE[p] for p in parts]
+    if any(b <= a for a, b in zip(ranks, ranks[1:])):
+        raise SecAggError(
+            f"pipeline {'+'.join(parts)!r} is out of order: at most one base (mean, align or init) first, then at "
+            "most one of regmean/fisher, then readout, e.g. align+regmean+readout"
+        )
+    if "regmean" in parts and not all(_is_lstm_or_dense(layer) for layer in site.network.layers):
+        raise SecAggError("'regmean' merges LSTM and Dense layers only (a GRU's candidate gate is not a linear map "
+                          "of [x, h, 1], so RegMean would change the function); use align+readout or auto")
     net = None
     own = site.network
     for part in parts:
@@ -239,15 +272,17 @@ def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
             own = site.aligned
         elif part == "init":
             net = yield from common_init(site)
+            own = site.aligned
         elif part == "regmean":
             net = yield from regmean(site, own)
         elif part == "fisher":
             net = yield from fisher(site, own)
         elif part == "readout":
             net = yield from readout(site, net if net is not None else (yield from mean(site)))
-        elif part == "auto":
-            raise SecAggError("'auto' chooses its own pipeline; use it alone")
     return net
+
+
+_STAGE = {"mean": 0, "align": 0, "init": 0, "regmean": 1, "fisher": 1, "readout": 2}
 
 
 def auto(site: Site) -> SiteProtocol:
@@ -274,6 +309,7 @@ def common_init(site: Site, epochs: int = 5) -> SiteProtocol:
     init = yield Exchange("init", fresh.to_tensors(), 1.0, only_first=True)
     start = site.rebuild(init)
     local = site.trainer(start, site.x_train, site.y_train, epochs, 0)
+    site.aligned = local  # this site's own model, in the common basin (for a following regmean/fisher)
     return (yield from mean(site, local, name="init-mean"))
 
 
@@ -284,11 +320,13 @@ def _with_ones(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a, np.ones((len(a), 1))], axis=1)
 
 
-def _ridge(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
-    """Solve (G + lambda I') W = C, with no penalty on the last (bias) row."""
+def _ridge(gram: np.ndarray, cross: np.ndarray, ridge: float, bias_row: bool = True) -> np.ndarray:
+    """Solve (G + lambda I') W = C, with no penalty on the last (bias) row if ``bias_row``."""
     d = len(gram)
-    penalty = np.eye(d) * ridge * max(np.trace(gram[:-1, :-1]) / max(d - 1, 1), 1e-12)
-    penalty[-1, -1] = 0.0
+    k = d - 1 if bias_row else d
+    penalty = np.eye(d) * ridge * max(np.trace(gram[:k, :k]) / max(k, 1), 1e-12)
+    if bias_row:
+        penalty[-1, -1] = 0.0
     return np.linalg.solve(gram + penalty, cross)
 
 

@@ -75,8 +75,8 @@ _SUPPORTED_ARCH = (
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    # The tanh form is exact, cannot overflow, and is several times faster than an exp with np.where.
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

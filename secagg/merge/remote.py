@@ -14,7 +14,7 @@ from secagg.api import create_round, fetch_average, round_status, submit
 from secagg.errors import RoundExistsError, SecAggError
 from secagg.keys import ClientKey
 from secagg.merge.methods import Site, run_method
-from secagg.merge.protocol import SiteProtocol
+from secagg.merge.protocol import SiteProtocol, single_threaded_blas
 from secagg.packing import ModelSpec, unflatten
 
 
@@ -30,7 +30,7 @@ def run_site(
     finetune_rounds: int = 0,
     finetune_epochs: int = 1,
     wait: float = 3600.0,
-    max_weight: float = 1e6,
+    max_weight: float = 1e5,
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``."""
     protocol = run_method(site, method, finetune_rounds, finetune_epochs)
@@ -38,8 +38,13 @@ def run_site(
 
 
 def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
-                 coordinator: bool = False, wait: float = 3600.0, max_weight: float = 1e6):
+                 coordinator: bool = False, wait: float = 3600.0, max_weight: float = 1e5):
     """Drive any site protocol generator against ``server``; returns its result."""
+    with single_threaded_blas():
+        return _drive(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight)
+
+
+def _drive(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight):
     step = 0
     try:
         exchange = next(protocol)

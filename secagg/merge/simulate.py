@@ -70,12 +70,30 @@ def simulate(
     if len(suffixes) != 1:
         raise ModelFormatError("all sites' models must be of one format (all Keras or all PyTorch)")
     states = [load_site(f"site{i}", model_path, data_path, seed + i) for i, (model_path, data_path) in enumerate(sites)]
+    _check_same_architecture(states, model_paths)
     with Federation(workdir) as federation:
         results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs) for s in states})
         steps = list(federation.steps)
     model, info = results[states[0].name]
     tensors, network, written = write_result(method, model, states[0], model_paths[0], out)
     return SimulationResult(method, tensors, network, written, steps, info)
+
+
+def _check_same_architecture(states: list[Site], paths: list[Path]) -> None:
+    from secagg.packing import ModelSpec
+
+    first = ModelSpec.of(states[0].network.to_tensors())
+    for state, path in zip(states[1:], paths[1:]):
+        spec = ModelSpec.of(state.network.to_tensors())
+        if spec != first:
+            raise ModelFormatError(
+                f"{path} does not match {paths[0]}: {first.describe_difference(spec)}. All sites need one architecture "
+                "with the same layer names: give layers fixed names (e.g. keras.layers.LSTM(32, name='lstm'))"
+            )
+    for state, path in zip(states, paths):
+        if state.x.shape[1:] != states[0].x.shape[1:]:
+            raise ModelFormatError(f"{path}: its data windows {state.x.shape[1:]} differ from the first site's "
+                                   f"{states[0].x.shape[1:]}")
 
 
 def load_site(name: str, model_path: str | Path, data_path: str | Path, seed: int = 0) -> Site:

@@ -1,0 +1,99 @@
+"""One PyTorch site of a secure-aggregation round: train a pedestrian-count LSTM, save it.
+
+Train and save (and export the site's training windows for merging methods that need data)::
+
+    python clients/torch_site.py --sensor "45 Queen Street" --out site.pt --data-out site.npz
+
+Train, save and submit the encrypted weights to a running aggregator::
+
+    python clients/torch_site.py --sensor "45 Queen Street" --out site.pt \\
+        --server 127.0.0.1:50051 --round r1 --key keys/client.key --client-id site-3
+
+Plain PyTorch: ``nn.LSTM(batch_first=True)`` whose last time step feeds ``nn.Linear``, Adam on
+the MSE, the state dict saved with ``torch.save`` (keys ``lstm.*`` and ``head.*``).  The number
+of training windows is printed (``samples=N``); it is the site's aggregation weight.  The DATA
+file (``--data-out``) holds ``x`` (samples, 24, 1) and ``y`` (samples, 1), float32, in the site's
+own normalized space (log1p, then standardized with its training mean/std).  Without ``--seed``
+the model starts from a fresh random initialization, as an independent user's would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import forecast
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sensor", required=True, help="sensor (column) name of the site")
+    p.add_argument("--out", required=True, type=Path, help="where to save the state dict (.pt)")
+    p.add_argument("--data-out", type=Path, help="also export the training windows (.npz)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="initialization seed (default: random)")
+    p.add_argument("--window", type=int, default=forecast.WINDOW, help="input hours (default 24)")
+    p.add_argument("--horizon", type=int, default=forecast.HORIZON, help="hours ahead (default 1)")
+    p.add_argument("--max-train", type=int, default=None, help="subsample training windows")
+    g = p.add_argument_group("submit to an aggregator (all four or none)")
+    g.add_argument("--server", help="aggregator address host:port")
+    g.add_argument("--round", dest="round_id", help="round id")
+    g.add_argument("--key", type=Path, help="client key file")
+    g.add_argument("--client-id", help="this site's client id")
+    args = p.parse_args(argv)
+    submit_opts = [args.server, args.round_id, args.key, args.client_id]
+    if any(submit_opts) and not all(submit_opts):
+        p.error("--server, --round, --key and --client-id go together")
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+    return args
+
+
+def submit(args: argparse.Namespace, n_samples: int) -> None:
+    """Encrypt and submit the saved state dict, weighted by the sample count."""
+    import secagg
+
+    r = secagg.submit(args.server, args.round_id, key=args.key, client_id=args.client_id,
+                      model=args.out, weight=float(n_samples))
+    print(f"submitted to {args.server} round {args.round_id!r} as {args.client_id!r}: "
+          f"{r.wire_bytes} bytes for {r.num_params} params, encrypt {r.encrypt_seconds:.2f}s, "
+          f"send {r.send_seconds:.2f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, save, optionally export the data and submit; print the sample count."""
+    args = parse_args(argv)
+    counts = forecast.load_counts()
+    if args.sensor not in counts.columns:
+        print(f"unknown sensor {args.sensor!r}; choose from: {', '.join(counts.columns)}",
+              file=sys.stderr)
+        return 2
+    data = forecast.prepare_site(counts, args.sensor, window=args.window, horizon=args.horizon,
+                                 max_train=args.max_train, seed=args.seed)
+    import torch
+
+    t0 = time.perf_counter()
+    model, n_samples = forecast.train_torch_site(data, seed=args.seed, epochs=args.epochs)
+    train_s = time.perf_counter() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out)
+    x, y = data.test_xy()
+    nrmse = forecast.rmse(forecast.predict_torch(model, x), y)
+    print(f"sensor={args.sensor!r} seed={args.seed} epochs={args.epochs} "
+          f"train_seconds={train_s:.1f} test_nrmse={nrmse:.4f}")
+    print(f"saved {args.out}")
+    if args.data_out:
+        forecast.save_site_data(data, args.data_out)
+        print(f"data {args.data_out}")
+    print(f"samples={n_samples}")
+    if args.server:
+        submit(args, n_samples)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

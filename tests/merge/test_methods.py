@@ -1,0 +1,195 @@
+"""Merge methods against plaintext references, through the real encrypted path.
+
+Every result comes from ``secagg.merge.simulate.simulate`` (a real aggregator on loopback, every
+exchange an encrypted round). The references are computed here in float64 numpy from the sites'
+model files and data -- weighted averages, pooled ridge regressions, an independent LSTM forward
+pass -- never by calling the merge code under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secagg.merge import apply_permutations, load_network, permutable_layers
+from secagg.models import write_model
+
+TOL = 1e-6
+
+
+def weighted_reference(mh, sites, weights) -> dict[str, np.ndarray]:
+    tensors = [mh.read_tensors(s.model) for s in sites]
+    w = np.asarray(weights, np.float64)
+    return {k: sum(wi * t[k] for wi, t in zip(w, tensors)) / w.sum() for k in tensors[0]}
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) for k in b)
+
+
+def train_counts(sites) -> list[int]:
+    return [len(s.x_train) for s in sites]
+
+
+# -- the numpy reference itself --------------------------------------------------------------------
+
+
+def test_reference_forward_matches_the_frameworks(mh, keras_sites, torch_sites):
+    """The independent numpy LSTM used by the references computes what Keras and PyTorch compute."""
+    for site, predict in ((keras_sites[0], mh.keras_predict), (torch_sites[0], mh.torch_predict)):
+        got = mh.lstm_forward(mh.read_tensors(site.model), site.x)
+        np.testing.assert_allclose(got, predict(site.model, site.x), atol=1e-5, rtol=0)
+
+
+def test_sites_are_trained_and_differ(mh, keras_sites):
+    """The fixture's premise: good local models, independently initialized (their weights differ)."""
+    for site in keras_sites:
+        pred = mh.lstm_forward(mh.read_tensors(site.model), site.x_val)
+        assert np.corrcoef(pred[:, 0], site.y_val[:, 0])[0, 1] > 0.8
+    a, b = (mh.read_tensors(s.model) for s in keras_sites[:2])
+    assert max_diff(a, b) > 0.1
+
+
+# -- mean ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["keras", "torch"])
+def test_mean_is_the_training_count_weighted_average(mh, simulated, keras_sites, torch_sites, family):
+    sites = keras_sites if family == "keras" else torch_sites
+    result = simulated(sites, "mean", suffix=".keras" if family == "keras" else ".pt")
+    want = weighted_reference(mh, sites, train_counts(sites))
+    assert max_diff(result.tensors, want) <= TOL
+    assert max_diff(mh.read_tensors(result.out), want) <= TOL
+    # The tolerance tells the weightings apart: all samples (not only training ones) or equal weights fail.
+    assert max_diff(want, weighted_reference(mh, sites, [len(s.x) for s in sites])) > 20 * TOL
+    assert max_diff(want, weighted_reference(mh, sites, [1, 1, 1])) > 1e3 * TOL
+
+
+# -- linear ----------------------------------------------------------------------------------------
+
+
+def test_linear_is_the_pooled_ridge_regression(mh, simulated, keras_sites):
+    result = simulated(keras_sites, "linear")
+    w = mh.pooled_ridge([s.x_train.reshape(len(s.x_train), -1) for s in keras_sites],
+                        [s.y_train for s in keras_sites])
+    assert result.tensors["kernel"].shape == (mh.WINDOW, 1) and result.tensors["bias"].shape == (1,)
+    assert float(np.max(np.abs(result.tensors["kernel"] - w[:-1]))) <= TOL
+    assert float(np.max(np.abs(result.tensors["bias"] - w[-1]))) <= TOL
+    # Pooling matters: the ridge fit on one site alone is a different model.
+    alone = mh.pooled_ridge([keras_sites[0].x_train.reshape(len(keras_sites[0].x_train), -1)],
+                            [keras_sites[0].y_train])
+    assert float(np.max(np.abs(alone - w))) > 1e3 * TOL
+
+
+# -- readout ---------------------------------------------------------------------------------------
+
+
+def test_readout_refits_the_output_layer_of_the_mean(mh, simulated, keras_sites):
+    result = simulated(keras_sites, "readout")
+    mean = weighted_reference(mh, keras_sites, train_counts(keras_sites))
+    got = result.tensors
+    # Everything but the output layer is the plain average ...
+    for name in ("lstm/lstm_cell/kernel", "lstm/lstm_cell/recurrent_kernel", "lstm/lstm_cell/bias"):
+        assert float(np.max(np.abs(got[name] - mean[name]))) <= TOL, name
+    # ... and the output layer is the ridge fit on the pooled features of the mean model.
+    features = [mh.lstm_features(mean, s.x_train) for s in keras_sites]
+    w = mh.pooled_ridge(features, [s.y_train for s in keras_sites])
+    net_out = result.network.layers[-1]  # float64, before the cast to the file's float32
+    got_w = np.vstack([net_out.kernel, net_out.bias[None]])
+    # LSTM features are nearly collinear (cond(H^T H) ~ 1e5), so the ~1e-10 CKKS noise of the pooled
+    # statistics moves the coefficients by ~1e-7 of their size; the fitted function is exact to 1e-6 and
+    # the coefficients solve the pooled normal equations to 1e-8.
+    h = mh.with_ones(np.concatenate(features))
+    y = np.concatenate([s.y_train for s in keras_sites])
+    assert float(np.max(np.abs(h @ got_w - h @ w))) <= TOL
+    assert float(np.max(np.abs(got_w - w))) <= TOL * float(np.max(np.abs(w)))
+    gram, cross = h.T @ h / len(h), h.T @ y / len(h)
+    penalty = np.eye(len(gram)) * 1e-3 * np.trace(gram[:-1, :-1]) / (len(gram) - 1)
+    penalty[-1, -1] = 0.0
+    assert float(np.max(np.abs((gram + penalty) @ got_w - cross))) <= 1e-8
+    np.testing.assert_allclose(np.vstack([got["out/kernel"], got["out/bias"][None]]), got_w, rtol=1e-6, atol=1e-7)
+    plain_w = np.vstack([mean["out/kernel"], mean["out/bias"][None]])
+    assert float(np.max(np.abs(h @ w - h @ plain_w))) > 0.1  # the refit changed the function
+
+
+# -- auto ------------------------------------------------------------------------------------------
+
+
+def pooled_val_mse(mh, tensors, sites) -> float:
+    """Validation MSE per site, averaged with the validation counts as weights."""
+    errors = [float(np.mean((mh.lstm_forward(tensors, s.x_val) - s.y_val) ** 2)) for s in sites]
+    counts = [len(s.x_val) for s in sites]
+    return float(np.dot(errors, counts) / np.sum(counts))
+
+
+def test_auto_scores_and_choice(mh, simulated, keras_sites):
+    result = simulated(keras_sites, "auto")
+    scores = result.chosen["scores"]
+    assert set(scores) == {"mean", "align", "align+regmean", "mean+readout", "align+readout",
+                           "align+regmean+readout"}
+    assert result.chosen["chosen"] == min(scores, key=scores.get)
+
+    mean = weighted_reference(mh, keras_sites, train_counts(keras_sites))
+    assert abs(scores["mean"] - pooled_val_mse(mh, mean, keras_sites)) <= TOL
+    w = mh.pooled_ridge([mh.lstm_features(mean, s.x_train) for s in keras_sites], [s.y_train for s in keras_sites])
+    refit = {**mean, "out/kernel": w[:-1], "out/bias": w[-1]}
+    assert abs(scores["mean+readout"] - pooled_val_mse(mh, refit, keras_sites)) <= TOL
+    # The returned model is the chosen candidate: its pooled validation error is the winning score.
+    assert abs(pooled_val_mse(mh, mh.read_tensors(result.out), keras_sites) - scores[result.chosen["chosen"]]) <= 1e-5
+    # Independently trained models: the plain average is much worse than a readout refit.
+    assert scores["mean"] > 2 * scores["mean+readout"]
+
+
+# -- alignment -------------------------------------------------------------------------------------
+
+
+def random_perms(net, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    perms = []
+    for index in permutable_layers(net):
+        units = net.layers[index].units
+        perm = rng.permutation(units)
+        while np.array_equal(perm, np.arange(units)):
+            perm = rng.permutation(units)
+        perms.append(perm)
+    return perms
+
+
+@pytest.fixture(scope="module")
+def permuted_copies(tmp_path_factory, keras_sites, torch_sites):
+    """Per framework: the original model file and three sites holding it with different unit orders."""
+    root = tmp_path_factory.mktemp("permuted")
+    copies = {}
+    for family, sites in (("keras", keras_sites), ("torch", torch_sites)):
+        original = sites[0]
+        net = load_network(original.model)
+        permuted = []
+        for k in range(3):
+            path = write_model(original.model, apply_permutations(net, random_perms(net, 10 + k)).to_tensors(),
+                               root / f"{family}{k}{original.model.suffix}")
+            permuted.append(type(original)(path, original.data, original.x, original.y))
+        copies[family] = (original, permuted)
+    return copies
+
+
+@pytest.mark.parametrize("family", ["keras", "torch"])
+def test_align_recovers_the_function_of_permuted_copies(mh, simulated, permuted_copies, family):
+    original, sites = permuted_copies[family]
+    suffix = original.model.suffix
+    x = original.x
+    want = mh.lstm_forward(mh.read_tensors(original.model), x)
+    # Every copy computes the original function (the permutations are consistent) ...
+    for s in sites:
+        np.testing.assert_allclose(mh.lstm_forward(mh.read_tensors(s.model), x), want, atol=1e-6)
+    # ... but their weights differ, and the plain average destroys the function.
+    assert max_diff(mh.read_tensors(sites[0].model), mh.read_tensors(sites[1].model)) > 0.1
+    plain = simulated(sites, "mean", suffix=suffix)
+    plain_pred = plain.network.forward(x)
+    assert np.mean((plain_pred - want) ** 2) > 0.1 * np.var(want)
+    # Alignment brings every copy into one unit order: the average is the original function again.
+    aligned = simulated(sites, "align", suffix=suffix)
+    np.testing.assert_allclose(aligned.network.forward(x), want, atol=TOL, rtol=0)
+    np.testing.assert_allclose(mh.lstm_forward(aligned.tensors, x), want, atol=TOL, rtol=0)
+    predict = mh.keras_predict if family == "keras" else mh.torch_predict
+    np.testing.assert_allclose(predict(aligned.out, x), want, atol=1e-5, rtol=0)

@@ -1,0 +1,241 @@
+"""``secagg.merge.simulate``: every method through the real encrypted path, its output files, its errors.
+
+Every simulation runs a real aggregator on loopback with a fresh key; each exchange of a method is
+an encrypted round, recorded as a StepRecord. Results are cached per session (``simulated``), so
+test_methods.py and this file share them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from secagg.errors import ModelFormatError, SecAggError
+from secagg.merge.methods import run_method
+from secagg.merge.protocol import Federation
+from secagg.merge.simulate import load_site, simulate
+
+AUTO_STEPS = ["mean", "align1", "align2", "regmean", "auto-readout", "score"]
+ALIGN_STEPS = ["align0", "align1", "align2"]
+METHOD_STEPS = {
+    "mean": ["mean"],
+    "align": ALIGN_STEPS,
+    "readout": ["mean", "readout"],
+    "align+readout": [*ALIGN_STEPS, "readout"],
+    "align+regmean+readout": [*ALIGN_STEPS, "regmean", "readout"],
+    "regmean": ["regmean"],
+    "linear": ["linear"],
+    "auto": AUTO_STEPS,
+    "init": ["init", "init-mean"],
+}
+
+
+def check_steps(result, want: list[str], sites: int = 3) -> None:
+    assert [s.name for s in result.steps] == want
+    for step in result.steps:
+        # Every site contributes to every exchange, except the common initialization (first site only).
+        assert step.contributors == (1 if step.name == "init" else sites), step.name
+        assert step.wire_bytes > 0 and step.num_params > 0, step.name
+    assert len({s.round_id for s in result.steps}) == len(result.steps)  # one fresh round per exchange
+
+
+def check_written_keras(mh, result, x: np.ndarray) -> None:
+    assert result.out.is_file()
+    np.testing.assert_allclose(mh.keras_predict(result.out, x), result.network.forward(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(METHOD_STEPS))
+def test_every_method_runs_encrypted_and_writes_a_loadable_model(mh, simulated, keras_sites, method):
+    result = simulated(keras_sites, method)
+    check_steps(result, METHOD_STEPS[method])
+    assert result.method == method
+    x = np.concatenate([s.x_val for s in keras_sites])
+    if method == "linear":
+        assert result.network is None
+        kernel, bias = result.tensors["kernel"], result.tensors["bias"]
+        want = x.reshape(len(x), -1) @ kernel + bias
+        np.testing.assert_allclose(mh.keras_predict(result.out, x), want, atol=1e-5, rtol=0)
+        return
+    check_written_keras(mh, result, x)
+    # The written file holds exactly the result's tensors (the file's dtypes).
+    got = mh.read_tensors(result.out)
+    assert list(got) == list(result.tensors)
+    for name, value in result.tensors.items():
+        np.testing.assert_array_equal(got[name], value.astype(np.float64), err_msg=name)
+    if method == "auto":
+        assert result.chosen["chosen"] in result.chosen["scores"]
+    else:
+        assert result.chosen == {}
+
+
+@pytest.mark.slow
+def test_auto_with_a_finetune_round(mh, simulated, keras_sites):
+    result = simulated(keras_sites, "auto", finetune_rounds=1)
+    check_steps(result, [*AUTO_STEPS, "finetune1"])
+    check_written_keras(mh, result, keras_sites[0].x_val)
+    # The fine-tune round trained locally from the chosen candidate: the model moved.
+    chosen = simulated(keras_sites, "auto")
+    assert result.chosen["chosen"] == chosen.chosen["chosen"]
+    moved = max(float(np.max(np.abs(result.tensors[k] - chosen.tensors[k]))) for k in chosen.tensors)
+    assert moved > 1e-4
+
+
+def test_init_starts_every_site_from_one_initialization(mh, simulated, keras_sites):
+    result = simulated(keras_sites, "init")
+    init_step, mean_step = result.steps
+    assert (init_step.contributors, mean_step.contributors) == (1, 3)
+    assert init_step.num_params == mean_step.num_params == sum(v.size for v in result.tensors.values())
+    # Not the average of the sites' own models: a fresh start, trained at the sites, averaged.
+    plain = simulated(keras_sites, "mean")
+    assert max(float(np.max(np.abs(result.tensors[k] - plain.tensors[k]))) for k in plain.tensors) > 0.05
+
+
+# -- PyTorch sites ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,finetune", [("mean", 0), ("align", 0), ("auto", 0), ("auto", 1)])
+def test_torch_sites(mh, simulated, torch_sites, method, finetune):
+    result = simulated(torch_sites, method, finetune_rounds=finetune, suffix=".pt")
+    steps = METHOD_STEPS[method] + (["finetune1"] if finetune else [])
+    check_steps(result, steps)
+    assert result.out.suffix == ".pt"
+    x = np.concatenate([s.x_val for s in torch_sites])
+    np.testing.assert_allclose(mh.torch_predict(result.out, x), result.network.forward(x), atol=1e-5, rtol=0)
+    assert list(mh.read_tensors(result.out)) == list(mh.read_tensors(torch_sites[0].model))
+    if method == "auto":
+        scores = result.chosen["scores"]
+        assert result.chosen["chosen"] == min(scores, key=scores.get)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_unknown_method(keras_sites):
+    with pytest.raises(SecAggError, match=r"unknown merge method 'bogus'.*choose from mean, align"):
+        simulate("bogus", [s.pair() for s in keras_sites[:2]])
+    with pytest.raises(SecAggError, match=r"unknown merge method 'nope'"):
+        simulate("align+nope+readout", [s.pair() for s in keras_sites[:2]])
+
+
+def test_linear_cannot_be_combined(keras_sites):
+    with pytest.raises(SecAggError, match="'linear' is a model of its own and cannot be combined"):
+        simulate("linear+align", [s.pair() for s in keras_sites[:2]])
+
+
+def test_auto_cannot_be_combined(keras_sites):
+    with pytest.raises(SecAggError, match="'auto' chooses its own pipeline"):
+        simulate("auto+readout", [s.pair() for s in keras_sites[:2]])
+
+
+def test_pipeline_errors_come_before_any_round(tmp_path, keras_sites):
+    """A pipeline that cannot finish fails at the start, with no encrypted round spent on it."""
+    sites = [load_site(f"site{i}", *s.pair()) for i, s in enumerate(keras_sites[:2])]
+    with Federation(tmp_path / "federation") as federation:
+        for method, message in (("mean+auto", "'auto' chooses its own pipeline"), ("mean+bogus", "unknown merge"),
+                                ("align+linear", "'linear' is a model of its own")):
+            with pytest.raises(SecAggError, match=message):
+                federation.run({s.name: run_method(s, method) for s in sites})
+        assert federation.steps == []
+
+
+@pytest.fixture(scope="module")
+def gru_sites(mh, tmp_path_factory, keras_sites):
+    """Two sites with (untrained, differently initialized) PyTorch GRU regressors."""
+    import torch
+
+    from secagg.merge import make_torch_regressor
+
+    root = tmp_path_factory.mktemp("gru")
+    pairs = []
+    for i, site in enumerate(keras_sites[:2]):
+        torch.manual_seed(i)
+        torch.save(make_torch_regressor(1, [4], [1], kind="gru").state_dict(), root / f"gru{i}.pt")
+        pairs.append((str(root / f"gru{i}.pt"), str(site.data)))
+    return pairs
+
+
+def test_regmean_refuses_gru(gru_sites):
+    for method in ("regmean", "align+regmean+readout"):
+        with pytest.raises(SecAggError, match="'regmean' merges LSTM and Dense layers only"):
+            simulate(method, gru_sites)
+
+
+def test_auto_on_gru_skips_regmean(gru_sites):
+    result = simulate("auto", gru_sites)
+    check_steps(result, ["mean", "align1", "align2", "auto-readout", "score"], sites=2)
+    assert set(result.chosen["scores"]) == {"mean", "align", "mean+readout", "align+readout"}
+
+
+def test_fewer_than_two_sites(keras_sites):
+    with pytest.raises(SecAggError, match="at least two"):
+        simulate("mean", [keras_sites[0].pair()])
+    with pytest.raises(SecAggError, match="at least two"):
+        simulate("mean", [])
+
+
+def test_mismatched_architectures(mh, tmp_path, keras_sites):
+    other = mh.keras_model(units=5)
+    other.save(tmp_path / "lstm5.keras")
+    sites = [keras_sites[0].pair(), (str(tmp_path / "lstm5.keras"), str(keras_sites[1].data))]
+    with pytest.raises(ModelFormatError, match=r"architecture.*lstm/lstm_cell/kernel"):
+        simulate("mean", sites)
+
+
+def test_mixed_model_formats(keras_sites, torch_sites):
+    with pytest.raises(ModelFormatError, match="one format"):
+        simulate("mean", [keras_sites[0].pair(), torch_sites[1].pair()])
+
+
+def test_bad_site_data(mh, tmp_path, keras_sites):
+    site = keras_sites[0]
+    np.savez(tmp_path / "no_y.npz", x=site.x)
+    with pytest.raises(ModelFormatError, match=r"no_y.npz: a site's data must be an .npz with arrays 'x' and 'y'"):
+        simulate("mean", [site.pair(), (str(site.model), str(tmp_path / "no_y.npz"))])
+    np.savez(tmp_path / "flat.npz", x=site.x[:, :, 0], y=site.y)
+    with pytest.raises(ModelFormatError, match=r"'x' must be \(samples, timesteps, features\)"):
+        simulate("mean", [site.pair(), (str(site.model), str(tmp_path / "flat.npz"))])
+    np.savez(tmp_path / "short_y.npz", x=site.x, y=site.y[:-3])
+    with pytest.raises(ModelFormatError, match=f"'x' has {len(site.x)} samples but 'y' has {len(site.y) - 3}"):
+        simulate("mean", [site.pair(), (str(site.model), str(tmp_path / "short_y.npz"))])
+
+
+def test_unreadable_model(tmp_path, keras_sites):
+    (tmp_path / "m.npz").write_bytes(b"")
+    with pytest.raises(ModelFormatError, match="Keras .*PyTorch"):
+        simulate("mean", [(str(tmp_path / "m.npz"), str(keras_sites[0].data)), keras_sites[1].pair()])
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def site_args(sites) -> list[str]:
+    return [a for s in sites for a in ("--site", *s.pair())]
+
+
+@pytest.mark.slow
+def test_cli_simulate(mh, cli, tmp_path, keras_sites):
+    out = tmp_path / "global.keras"
+    proc = cli("simulate", "--method", "mean", "--out", str(out), *site_args(keras_sites))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["method"] == "mean" and report["out"] == str(out) and report["chosen"] == {}
+    assert [s["name"] for s in report["steps"]] == ["mean"] and report["steps"][0]["wire_bytes"] > 0
+    # The file is the training-count weighted average of the sites' models.
+    tensors = [mh.read_tensors(s.model) for s in keras_sites]
+    w = np.array([len(s.x_train) for s in keras_sites], np.float64)
+    got = mh.read_tensors(out)
+    for name in tensors[0]:
+        want = sum(wi * t[name] for wi, t in zip(w, tensors)) / w.sum()
+        assert float(np.max(np.abs(got[name] - want))) <= 1e-6, name
+
+
+@pytest.mark.slow
+def test_cli_simulate_errors(cli, tmp_path, keras_sites):
+    proc = cli("simulate", "--method", "bogus", "--out", str(tmp_path / "g.keras"), *site_args(keras_sites[:2]))
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secagg: error: unknown merge method 'bogus'"), proc.stderr
+    assert not (tmp_path / "g.keras").exists()

@@ -170,12 +170,13 @@ def test_lstm_seeded_named_and_ensemble() -> None:
 @pytest.mark.slow
 def test_demo_quick(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
+    plot = tmp_path / "forecast.png"
     proc = subprocess.run([sys.executable, str(CLIENTS / "demo.py"), "--quick", "--report",
-                           str(report)], capture_output=True, text=True, timeout=600)
+                           str(report), "--plot", str(plot)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rep = json.loads(report.read_text())
     assert rep["max_abs_diff"] < 1e-6
-    assert set(rep["nrmse"]) == {"local_own", "encrypted_average", "plaintext_average",
+    assert set(rep["nrmse"]) == {"local_own", "encrypted_average", "encrypted_auto", "plaintext_average",
                                  "output_ensemble", "local_transferred", "persistence",
                                  "same_hour_yesterday"}
     held, train = rep["heldout_sensors"], rep["train_sensors"]
@@ -191,3 +192,8 @@ def test_demo_quick(tmp_path: Path) -> None:
                   "aggregate_close", "fetch_decrypt", "total"):
         assert stage in rep["seconds"]
     assert "encrypted weight average" in proc.stdout
+    # The recommended merge ran through its encrypted rounds and chose one of its candidates.
+    assert rep["auto"]["encrypted_steps"] >= 5 and rep["auto"]["chosen"] in rep["auto"]["scores"]
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sc = rep["descaling_mae_people_per_hour"]
+    assert sc["other_site_scaler_mae"] > sc["own_scaler_mae"]

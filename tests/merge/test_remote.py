@@ -1,0 +1,79 @@
+"""Deployment mode: each site runs its own process against a real aggregator (``secagg merge``/``scaler``)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import secagg
+from secagg.merge.remote import run_protocol
+from secagg.merge.scaling import shared_scaler
+
+
+@pytest.mark.slow
+def test_three_site_processes_build_the_same_global_model(serve_process, cli_popen, keypair, keras_sites, simulated,
+                                                           mh, tmp_path):
+    server = serve_process(state_dir=tmp_path / "state")
+    procs = [
+        cli_popen("merge", "--server", server.address, "--round", "m1", "--key", str(keypair.client),
+                  "--client-id", f"site{i}", "--model", str(s.model), "--data", str(s.data),
+                  "--method", "align+readout", "--clients", "3", "--wait", "120", "--out", str(tmp_path / f"g{i}.keras"))
+        for i, s in enumerate(keras_sites)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+        assert json.loads(out)["method"] == "align+readout"
+    globals_ = [mh.read_tensors(tmp_path / f"g{i}.keras") for i in range(3)]
+    # Every site decrypted the same encrypted sums, so every site holds exactly the same global model.
+    for other in globals_[1:]:
+        assert all(np.array_equal(globals_[0][k], other[k]) for k in globals_[0])
+    # Each step was a closed round on the aggregator with all three sites in it.
+    for step in ("m1.0.align0", "m1.1.align1", "m1.2.align2", "m1.3.readout"):
+        status = secagg.round_status(server.address, step)
+        assert status.state == "closed" and status.clients == ("site0", "site1", "site2")
+    # And it is the model the one-process simulation builds (up to CKKS noise amplified by the ridge solve).
+    reference = simulated(keras_sites, "align+readout")
+    x = keras_sites[0].x[-64:]
+    np.testing.assert_allclose(mh.keras_predict(tmp_path / "g0.keras", x), reference.network.forward(x), atol=1e-4)
+
+
+def test_shared_scaler_equals_pooled_statistics(tmp_path):
+    paths = secagg.keygen(tmp_path / "keys")
+    key = secagg.load_client_key(paths.client)
+    server = secagg.serve(paths.server, "127.0.0.1:0", tmp_path / "state")
+    rng = np.random.default_rng(7)
+    values = [rng.poisson(lam, size=(n, 2)).astype(float) for lam, n in ((20, 300), (200, 500), (900, 410))]
+    results: dict[int, object] = {}
+
+    def site(i: int) -> None:
+        results[i] = run_protocol(server.address, "s1", key, f"site{i}", shared_scaler(values[i], log1p=True), 3,
+                                  wait=60)
+
+    try:
+        threads = [threading.Thread(target=site, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        server.stop()
+    assert sorted(results) == [0, 1, 2]
+    pooled = np.log1p(np.concatenate(values))
+    for scaler in results.values():
+        np.testing.assert_allclose(scaler.mean, pooled.mean(axis=0), atol=1e-6)
+        np.testing.assert_allclose(scaler.std, pooled.std(axis=0), atol=1e-6)
+    # A value that is exactly at the pooled mean maps to 0 at every site.
+    z = results[0].transform(np.expm1(pooled.mean(axis=0))[None, :])
+    np.testing.assert_allclose(z, 0.0, atol=1e-6)
+
+
+def test_out_of_order_pipeline_is_refused_before_any_round(keras_sites):
+    from secagg.errors import SecAggError
+    from secagg.merge.simulate import simulate
+
+    with pytest.raises(SecAggError, match="out of order"):
+        simulate("readout+align", [s.pair() for s in keras_sites])

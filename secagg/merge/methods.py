@@ -165,6 +165,49 @@ def fisher(site: Site, net=None, name: str = "fisher", eps: float = 1e-8) -> Sit
     return site.rebuild(merged)
 
 
+def repair(site: Site, merged, own=None, name: str = "repair") -> SiteProtocol:
+    """REPAIR (Jordan et al. 2022) for recurrent nets: undo the variance collapse of averaged units.
+
+    Averaging aligned but different units shrinks their activations. Every site measures, on its
+    own data, the per-unit mean and second moment of hidden outputs of its own (aligned) model and
+    of the merged model; the pooled values give each unit an affine correction a*h + b that
+    restores the sites' average statistics. It is applied where the unit is consumed: the rows of
+    the next layer's kernel and of the layer's own recurrent kernel (plus the bias). All hidden
+    layers are corrected from one pass (for stacked layers the later statistics are not re-measured).
+    """
+    from secagg.merge.network import Recurrent
+
+    own = site.network if own is None else own
+    x = site.match_sample()
+    stats = {}
+    hidden = range(len(merged.layers) - 1)
+    for k, (h_own, h_merged) in enumerate(zip(own.hidden_states(x), merged.hidden_states(x))):
+        if k not in hidden:
+            continue
+        for tag, h in (("own", h_own), ("merged", h_merged)):
+            flat = h.reshape(-1, h.shape[-1])
+            stats[f"{tag}.mean{k}"] = flat.mean(axis=0)
+            stats[f"{tag}.sq{k}"] = (flat**2).mean(axis=0)
+    pooled = yield Exchange(name, stats, site.n)
+    net = merged
+    for k in hidden:
+        mu_t, mu_m = pooled[f"own.mean{k}"], pooled[f"merged.mean{k}"]
+        sd_t = np.sqrt(np.maximum(pooled[f"own.sq{k}"] - mu_t**2, 0.0))
+        sd_m = np.sqrt(np.maximum(pooled[f"merged.sq{k}"] - mu_m**2, 0.0))
+        ok = sd_m > 1e-6
+        a = np.where(ok, sd_t / np.where(ok, sd_m, 1.0), 1.0)
+        b = np.where(ok, mu_t - a * mu_m, 0.0)
+        layer = net.layers[k]
+        if isinstance(layer, Recurrent):
+            layer = dataclasses.replace(layer, recurrent_kernel=a[:, None] * layer.recurrent_kernel,
+                                        bias=layer.bias + b @ layer.recurrent_kernel)
+            net = net.replace(k, layer)
+        nxt = net.layers[k + 1]
+        bias = nxt.bias + b @ nxt.kernel if nxt.bias is not None else None
+        net = net.replace(k + 1, dataclasses.replace(nxt, kernel=a[:, None] * nxt.kernel, bias=bias))
+    return net
+
+
 def readout(site: Site, net, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
     """Refit ``net``'s output layer in closed form from pooled H^T H and H^T y."""
     fitted = yield from readout_many(site, {"net": net}, name, ridge)
@@ -223,7 +266,7 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
 
 # -- methods by name --------------------------------------------------------------------------------
 
-BASE_METHODS = ("mean", "align", "regmean", "fisher", "readout", "linear", "auto", "init")
+BASE_METHODS = ("mean", "align", "regmean", "fisher", "repair", "readout", "linear", "auto", "init")
 
 
 def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1) -> SiteProtocol:
@@ -257,8 +300,11 @@ def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
     if any(b <= a for a, b in zip(ranks, ranks[1:])):
         raise SecAggError(
             f"pipeline {'+'.join(parts)!r} is out of order: at most one base (mean, align or init) first, then at "
-            "most one of regmean/fisher, then readout, e.g. align+regmean+readout"
+            "most one of regmean/fisher, then repair, then readout, e.g. align+regmean+readout"
         )
+    if "repair" in parts and not all(_is_lstm_or_dense(layer) for layer in site.network.layers):
+        raise SecAggError("'repair' corrects LSTM and Dense units only (a GRU's state enters its candidate gate "
+                          "through the reset gate, so an affine correction cannot be folded in)")
     if "regmean" in parts and not all(_is_lstm_or_dense(layer) for layer in site.network.layers):
         raise SecAggError("'regmean' merges LSTM and Dense layers only (a GRU's candidate gate is not a linear map "
                           "of [x, h, 1], so RegMean would change the function); use align+readout or auto")
@@ -277,12 +323,14 @@ def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
             net = yield from regmean(site, own)
         elif part == "fisher":
             net = yield from fisher(site, own)
+        elif part == "repair":
+            net = yield from repair(site, net if net is not None else (yield from mean(site)), own)
         elif part == "readout":
             net = yield from readout(site, net if net is not None else (yield from mean(site)))
     return net
 
 
-_STAGE = {"mean": 0, "align": 0, "init": 0, "regmean": 1, "fisher": 1, "readout": 2}
+_STAGE = {"mean": 0, "align": 0, "init": 0, "regmean": 1, "fisher": 1, "repair": 2, "readout": 3}
 
 
 def auto(site: Site) -> SiteProtocol:
@@ -292,6 +340,7 @@ def auto(site: Site) -> SiteProtocol:
     candidates = {"mean": plain, "align": aligned_avg}
     if all(_is_lstm_or_dense(layer) for layer in site.network.layers):
         candidates["align+regmean"] = yield from regmean(site, site.aligned)
+        candidates["align+repair"] = yield from repair(site, aligned_avg, site.aligned)
     refit = yield from readout_many(site, candidates, name="auto-readout")
     candidates.update({f"{k}+readout": v for k, v in refit.items()})
     scores = yield from score(site, candidates)

@@ -193,3 +193,45 @@ def test_align_recovers_the_function_of_permuted_copies(mh, simulated, permuted_
     np.testing.assert_allclose(mh.lstm_forward(aligned.tensors, x), want, atol=TOL, rtol=0)
     predict = mh.keras_predict if family == "keras" else mh.torch_predict
     np.testing.assert_allclose(predict(aligned.out, x), want, atol=1e-5, rtol=0)
+
+
+def test_repair_is_the_identity_when_units_did_not_collapse(mh, simulated, permuted_copies):
+    """Aligned copies of one model merge without any loss of variance, so REPAIR must change nothing."""
+    original, sites = permuted_copies["keras"]
+    want = mh.lstm_forward(mh.read_tensors(original.model), original.x)
+    repaired = simulated(sites, "align+repair")
+    assert [s.name for s in repaired.steps][-1] == "repair"
+    np.testing.assert_allclose(repaired.network.forward(original.x), want, atol=1e-6, rtol=0)
+
+
+def test_repair_restores_the_sites_unit_statistics(mh, simulated, keras_sites):
+    """After REPAIR the next layer sees each hidden unit with the sites' pooled mean and spread."""
+    from secagg.merge.methods import Site
+
+    merged = simulated(keras_sites, "align").network
+    repaired = simulated(keras_sites, "align+repair").network
+    assert not np.allclose(repaired.layers[-1].kernel, merged.layers[-1].kernel)
+    # The correction a*h + b is folded into the output kernel: recover it and compare pooled moments.
+    a = repaired.layers[-1].kernel[:, 0] / merged.layers[-1].kernel[:, 0]
+    b_dot = repaired.layers[-1].bias - merged.layers[-1].bias
+    own_mean = own_sq = merged_mean = merged_sq = 0.0
+    total = 0.0
+    for s in keras_sites:
+        site = Site("s", load_network(s.model), s.x, s.y, rebuild=lambda t: None)
+        x = site.match_sample()
+        from secagg.merge.align import apply_permutations, match_activations
+
+        own = apply_permutations(site.network, match_activations(merged, site.network, x))
+        h_own = own.hidden_states(x)[0].reshape(-1, mh.UNITS)
+        h_m = merged.hidden_states(x)[0].reshape(-1, mh.UNITS)
+        n = site.n
+        own_mean = own_mean + n * h_own.mean(0)
+        own_sq = own_sq + n * (h_own**2).mean(0)
+        merged_mean = merged_mean + n * h_m.mean(0)
+        merged_sq = merged_sq + n * (h_m**2).mean(0)
+        total += n
+    own_sd = np.sqrt(own_sq / total - (own_mean / total) ** 2)
+    merged_sd = np.sqrt(merged_sq / total - (merged_mean / total) ** 2)
+    np.testing.assert_allclose(a, own_sd / merged_sd, rtol=1e-4)
+    b = own_mean / total - a * merged_mean / total
+    np.testing.assert_allclose(b_dot, b @ merged.layers[-1].kernel[:, 0], atol=1e-5)

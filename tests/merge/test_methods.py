@@ -126,8 +126,8 @@ def pooled_val_mse(mh, tensors, sites) -> float:
 def test_auto_scores_and_choice(mh, simulated, keras_sites):
     result = simulated(keras_sites, "auto")
     scores = result.chosen["scores"]
-    assert set(scores) == {"mean", "align", "align+regmean", "mean+readout", "align+readout",
-                           "align+regmean+readout"}
+    assert set(scores) == {"mean", "align", "align+regmean", "align+repair", "mean+readout", "align+readout",
+                           "align+regmean+readout", "align+repair+readout"}
     assert result.chosen["chosen"] == min(scores, key=scores.get)
 
     mean = weighted_reference(mh, keras_sites, train_counts(keras_sites))

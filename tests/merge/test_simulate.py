@@ -17,7 +17,7 @@ from secagg.merge.methods import run_method
 from secagg.merge.protocol import Federation
 from secagg.merge.simulate import load_site, simulate
 
-AUTO_STEPS = ["mean", "align1", "align2", "regmean", "auto-readout", "score"]
+AUTO_STEPS = ["mean", "align1", "align2", "regmean", "repair", "auto-readout", "score"]
 ALIGN_STEPS = ["align0", "align1", "align2"]
 METHOD_STEPS = {
     "mean": ["mean"],
@@ -239,3 +239,8 @@ def test_cli_simulate_errors(cli, tmp_path, keras_sites):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("secagg: error: unknown merge method 'bogus'"), proc.stderr
     assert not (tmp_path / "g.keras").exists()
+
+
+def test_repair_refuses_gru(gru_sites):
+    with pytest.raises(SecAggError, match="'repair' corrects LSTM and Dense units only"):
+        simulate("align+repair", gru_sites)

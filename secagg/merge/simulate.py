@@ -17,7 +17,7 @@ import numpy as np
 
 from secagg.errors import ModelFormatError, SecAggError
 from secagg.merge import training
-from secagg.merge.methods import Site, run_method
+from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
 from secagg.merge.protocol import Federation, StepRecord
 from secagg.models import write_model
 
@@ -57,11 +57,14 @@ def simulate(
     finetune_epochs: int = 1,
     seed: int = 0,
     workdir: str | Path | None = None,
+    init_epochs: int = INIT_EPOCHS,
+    init_warmup: int = INIT_WARMUP_ROUNDS,
 ) -> SimulationResult:
     """Merge the sites' models with ``method`` through a real loopback aggregator.
 
     ``sites``: (model file, data npz) per site; all models of one architecture and format.
     Writes the global model to ``out`` (same format as the sites' models) if given.
+    ``init_epochs`` and ``init_warmup`` shape ``init`` (:func:`secagg.merge.methods.common_init`).
     """
     if len(sites) < 2:
         raise SecAggError("simulate needs at least two --site MODEL DATA pairs")
@@ -72,7 +75,7 @@ def simulate(
     states = [load_site(f"site{i}", model_path, data_path, seed + i) for i, (model_path, data_path) in enumerate(sites)]
     _check_same_architecture(states, model_paths)
     with Federation(workdir) as federation:
-        results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs) for s in states})
+        results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup) for s in states})
         steps = list(federation.steps)
     model, info = results[states[0].name]
     tensors, network, written = write_result(method, model, states[0], model_paths[0], out)

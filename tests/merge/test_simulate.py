@@ -28,8 +28,14 @@ METHOD_STEPS = {
     "regmean": ["regmean"],
     "linear": ["linear"],
     "auto": AUTO_STEPS,
-    "init": ["init", "init-mean"],
+    "init": ["init", "init-warmup1", "init-mean"],
 }
+
+
+def finetune_steps(result, rounds: int) -> list[str]:
+    """Fine-tune steps; a refit of the readout follows them when the pipeline (or auto's choice) ends in one."""
+    chosen = result.chosen.get("chosen", result.method)
+    return [f"finetune{r + 1}" for r in range(rounds)] + (["finetune-readout"] if rounds and chosen.endswith("readout") else [])
 
 
 def check_steps(result, want: list[str], sites: int = 3) -> None:
@@ -73,7 +79,7 @@ def test_every_method_runs_encrypted_and_writes_a_loadable_model(mh, simulated, 
 @pytest.mark.slow
 def test_auto_with_a_finetune_round(mh, simulated, keras_sites):
     result = simulated(keras_sites, "auto", finetune_rounds=1)
-    check_steps(result, [*AUTO_STEPS, "finetune1"])
+    check_steps(result, [*AUTO_STEPS, *finetune_steps(result, 1)])
     check_written_keras(mh, result, keras_sites[0].x_val)
     # The fine-tune round trained locally from the chosen candidate: the model moved.
     chosen = simulated(keras_sites, "auto")
@@ -84,12 +90,33 @@ def test_auto_with_a_finetune_round(mh, simulated, keras_sites):
 
 def test_init_starts_every_site_from_one_initialization(mh, simulated, keras_sites):
     result = simulated(keras_sites, "init")
-    init_step, mean_step = result.steps
-    assert (init_step.contributors, mean_step.contributors) == (1, 3)
-    assert init_step.num_params == mean_step.num_params == sum(v.size for v in result.tensors.values())
+    init_step, warmup_step, mean_step = result.steps
+    assert (init_step.contributors, warmup_step.contributors, mean_step.contributors) == (1, 3, 3)
+    sizes = {init_step.num_params, warmup_step.num_params, mean_step.num_params}
+    assert sizes == {sum(v.size for v in result.tensors.values())}
     # Not the average of the sites' own models: a fresh start, trained at the sites, averaged.
     plain = simulated(keras_sites, "mean")
     assert max(float(np.max(np.abs(result.tensors[k] - plain.tensors[k]))) for k in plain.tensors) > 0.05
+
+
+def test_init_options(tmp_path, keras_sites):
+    from secagg import cli
+    from secagg.merge import methods
+
+    # The CLI repeats the defaults so that it can start without the merge code: they must agree.
+    assert (cli.INIT_EPOCHS, cli.INIT_WARMUP_ROUNDS) == (methods.INIT_EPOCHS, methods.INIT_WARMUP_ROUNDS)
+    result = simulate("init", [s.pair() for s in keras_sites], tmp_path / "g.keras", init_epochs=1, init_warmup=0,
+                      workdir=tmp_path / "w")
+    assert [s.name for s in result.steps] == ["init", "init-mean"]
+    with pytest.raises(SecAggError, match="at least one local epoch"):
+        simulate("init", [s.pair() for s in keras_sites], tmp_path / "h.keras", init_epochs=0, workdir=tmp_path / "v")
+
+
+def test_finetune_ends_with_a_readout_refit(mh, tmp_path, keras_sites):
+    result = simulate("align+readout", [s.pair() for s in keras_sites], tmp_path / "g.keras", finetune_rounds=1,
+                      workdir=tmp_path / "w")
+    check_steps(result, [*ALIGN_STEPS, "readout", "finetune1", "finetune-readout"])
+    check_written_keras(mh, result, keras_sites[0].x_val)
 
 
 # -- PyTorch sites ---------------------------------------------------------------------------------
@@ -98,7 +125,7 @@ def test_init_starts_every_site_from_one_initialization(mh, simulated, keras_sit
 @pytest.mark.parametrize("method,finetune", [("mean", 0), ("align", 0), ("auto", 0), ("auto", 1)])
 def test_torch_sites(mh, simulated, torch_sites, method, finetune):
     result = simulated(torch_sites, method, finetune_rounds=finetune, suffix=".pt")
-    steps = METHOD_STEPS[method] + (["finetune1"] if finetune else [])
+    steps = METHOD_STEPS[method] + finetune_steps(result, finetune)
     check_steps(result, steps)
     assert result.out.suffix == ".pt"
     x = np.concatenate([s.x_val for s in torch_sites])

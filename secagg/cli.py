@@ -120,8 +120,6 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--data", required=True, help="this site's DATA.npz (x, y in the model's normalized space)")
     mg.add_argument("--method", required=True, help="merge method, the same at every site")
     mg.add_argument("--clients", required=True, type=int, metavar="N", help="number of sites taking part")
-    mg.add_argument("--coordinator", action="store_true",
-                    help="this site provides the common initialization of --method init")
     mg.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
     mg.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
     mg.add_argument("--init-epochs", type=int, default=INIT_EPOCHS, metavar="E",
@@ -214,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
         _check_rounds(args)
         site = load_site(args.client_id, args.model, args.data)
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
-                               args.method, args.clients, args.coordinator, args.finetune_rounds,
+                               args.method, args.clients, args.finetune_rounds,
                                args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         print(json.dumps({"method": args.method, "out": str(written), "chosen": info}))

@@ -369,7 +369,7 @@ def auto(site: Site) -> SiteProtocol:
 
 
 def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
-    """Round 0 gives every site the first site's fresh initialization; then ``warmup_rounds`` FedAvg
+    """Round 0 gives every site one fresh initialization; then ``warmup_rounds`` FedAvg
     rounds of one local epoch; then every site trains ``epochs`` epochs on its own; then the mean.
 
     Why the warm-up: from a shared but *random* start, separately trained LSTMs still drift into
@@ -384,8 +384,11 @@ def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT
         raise SecAggError("'init' needs a way to draw a fresh initialization for this model format")
     if epochs < 1 or warmup_rounds < 0:
         raise SecAggError("'init' needs at least one local epoch and a non-negative number of warm-up rounds")
+    # Every site draws the initialization from the same seed and contributes it with equal weight,
+    # so the average is that initialization (even if a framework's seeding differed at one site)
+    # and no round ever has a single contributor.
     fresh = site.reinit(site.network, 0)
-    init = yield Exchange("init", fresh.to_tensors(), 1.0, only_first=True)
+    init = yield Exchange("init", fresh.to_tensors(), 1.0)
     start = site.rebuild(init)
     for r in range(warmup_rounds):
         local = site.trainer(start, site.x_train, site.y_train, 1, 100 + r)

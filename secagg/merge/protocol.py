@@ -36,15 +36,14 @@ class Exchange:
 
     ``tensors`` are averaged across sites with weights ``weight`` (usually the site's sample
     count). ``value_bound`` caps |value| for the round's overflow check: statistics (Gram
-    matrices, scores) use larger bounds than weights. ``only_first`` marks an exchange in which
-    only the first site contributes and everyone receives its tensors (e.g. a common init).
+    matrices, scores) use larger bounds than weights. Every site contributes to every exchange: a
+    round with fewer contributors would let the others read one site's values off the sum.
     """
 
     name: str
     tensors: Tensors | None
     weight: float = 1.0
     value_bound: float = 100.0
-    only_first: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +144,7 @@ class Federation:
                 raise SecAggError(f"merge protocol out of step: sites are at different steps {sorted(names)}")
             exchanges = list(current.items())
             first = exchanges[0][1]
-            if first.only_first:
-                contributions = [(exchanges[0][0], first.tensors, first.weight)]
-            else:
-                contributions = [(site, ex.tensors, ex.weight) for site, ex in exchanges]
+            contributions = [(site, ex.tensors, ex.weight) for site, ex in exchanges]
             bound = max(ex.value_bound for _, ex in exchanges)
             average = self.average(first.name, contributions, bound)
             nxt: dict[str, Exchange] = {}

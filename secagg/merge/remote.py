@@ -3,9 +3,7 @@
 Every site runs the same command with its own model and data. Each exchange of the method becomes
 a round ``<round>.<k>.<step>`` on the aggregator; whichever site arrives first creates it (the
 others find it existing and check it matches), every site submits its encrypted contribution and
-waits for the round to close, then decrypts the average and goes on. Exchanges in which only one
-party contributes (the common initialization of ``init``) are submitted by the site started with
-``coordinator=True``; the others only fetch.
+waits for the round to close, then decrypts the average and goes on. Every site contributes to every exchange.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ def run_site(
     site: Site,
     method: str,
     clients: int,
-    coordinator: bool = False,
     finetune_rounds: int = 0,
     finetune_epochs: int = 1,
     wait: float = 3600.0,
@@ -36,27 +33,25 @@ def run_site(
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``."""
     protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
-    return run_protocol(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight)
+    return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight)
 
 
 def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
-                 coordinator: bool = False, wait: float = 3600.0, max_weight: float = 1e5):
+                 wait: float = 3600.0, max_weight: float = 1e5):
     """Drive any site protocol generator against ``server``; returns its result."""
     with single_threaded_blas():
-        return _drive(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight)
+        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight)
 
 
-def _drive(server, round_id, key, client_id, protocol, clients, coordinator, wait, max_weight):
+def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight):
     step = 0
     try:
         exchange = next(protocol)
         while True:
             sub_round = f"{round_id}.{step}.{exchange.name}"[:64]
-            contributors = 1 if exchange.only_first else clients
             template = exchange.tensors
-            _ensure_round(server, sub_round, template, contributors, exchange.value_bound, max_weight)
-            if coordinator or not exchange.only_first:
-                submit(server, sub_round, key, client_id, template, exchange.weight)
+            _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight)
+            submit(server, sub_round, key, client_id, template, exchange.weight)
             average = fetch_average(server, sub_round, key, wait=wait)
             exchange = protocol.send(unflatten(average.spec, average.vector, template))
             step += 1

@@ -41,8 +41,8 @@ def finetune_steps(result, rounds: int) -> list[str]:
 def check_steps(result, want: list[str], sites: int = 3) -> None:
     assert [s.name for s in result.steps] == want
     for step in result.steps:
-        # Every site contributes to every exchange, except the common initialization (first site only).
-        assert step.contributors == (1 if step.name == "init" else sites), step.name
+        # Every site contributes to every exchange.
+        assert step.contributors == sites, step.name
         assert step.wire_bytes > 0 and step.num_params > 0, step.name
     assert len({s.round_id for s in result.steps}) == len(result.steps)  # one fresh round per exchange
 
@@ -91,7 +91,7 @@ def test_auto_with_a_finetune_round(mh, simulated, keras_sites):
 def test_init_starts_every_site_from_one_initialization(mh, simulated, keras_sites):
     result = simulated(keras_sites, "init")
     init_step, warmup_step, mean_step = result.steps
-    assert (init_step.contributors, warmup_step.contributors, mean_step.contributors) == (1, 3, 3)
+    assert (init_step.contributors, warmup_step.contributors, mean_step.contributors) == (3, 3, 3)
     sizes = {init_step.num_params, warmup_step.num_params, mean_step.num_params}
     assert sizes == {sum(v.size for v in result.tensors.values())}
     # Not the average of the sites' own models: a fresh start, trained at the sites, averaged.

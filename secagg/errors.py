@@ -59,3 +59,23 @@ class AggregateCheckError(SecAggError):
 
 class TransportError(SecAggError):
     """The aggregator could not be reached or the connection broke."""
+
+
+class PrivacyError(SecAggError):
+    """A differential-privacy setting is invalid (clip norm, noise, delta, mode, cohort)."""
+
+
+class PrivacyBudgetError(PrivacyError):
+    """Running this round would spend more privacy than the federation's budget allows."""
+
+
+class AuthError(SecAggError):
+    """The caller's credentials do not allow this call (wrong client, not enrolled, not admin)."""
+
+
+class UnauthenticatedError(AuthError):
+    """The call carried no valid credentials where the aggregator requires them."""
+
+
+class CohortError(SecAggError):
+    """A round would release a sum of fewer contributions than the minimum cohort allows."""

@@ -15,6 +15,10 @@ ERROR_CLASS_KEY = "secagg-error"
 # Order matters: subclasses before their bases.
 _TO_CODE: list[tuple[type[e.SecAggError], grpc.StatusCode]] = [
     (e.RoundNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (e.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (e.AuthError, grpc.StatusCode.PERMISSION_DENIED),
+    (e.PrivacyBudgetError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.CohortError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.RoundExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (e.DuplicateSubmissionError, grpc.StatusCode.ALREADY_EXISTS),
     (e.RoundStateError, grpc.StatusCode.FAILED_PRECONDITION),

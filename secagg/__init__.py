@@ -11,14 +11,27 @@ A round in five names::
 Clients encrypt with CKKS (TenSEAL/SEAL); the aggregator holds no secret key and only adds.
 """
 
+import logging
+import os
+
+# gRPC prints INFO lines (e.g. every failed TLS handshake) straight to stderr, where secagg's
+# commands print one line per error. It reads this when first imported; a value the user set wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from secagg.api import Average, Receipt, create_round, fetch, fetch_average, round_status, serve, submit
 from secagg.errors import SecAggError
 from secagg.keys import KeyPaths, keygen, load_client_key, load_server_key
 from secagg.models import read_model, write_model
 from secagg.rounds import RoundStatus
+from secagg.transport.tls import ClientTLS, ServerTLS
 
 __all__ = [
-    "Average", "KeyPaths", "Receipt", "RoundStatus", "SecAggError", "create_round", "fetch", "fetch_average",
-    "keygen", "load_client_key", "load_server_key", "read_model", "round_status", "serve", "submit", "write_model",
+    "Average", "ClientTLS", "KeyPaths", "Receipt", "RoundStatus", "SecAggError", "ServerTLS", "create_round", "fetch",
+    "fetch_average", "keygen", "load_client_key", "load_server_key", "read_model", "round_status", "serve", "submit",
+    "write_model",
 ]
 __version__ = "0.1.0"
+
+# A library does not print: without logging configured by the application (``secagg serve`` does),
+# secagg's warnings (e.g. an aggregator on loopback without TLS) stay silent instead of reaching stderr.
+logging.getLogger("secagg").addHandler(logging.NullHandler())

@@ -7,6 +7,7 @@ Data flows one way: model file -> arrays -> flat vector -> [w*theta, w, 1] -> se
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -16,14 +17,26 @@ import numpy as np
 
 from secagg import ciphertexts, envelope
 from secagg.ciphertexts import Bounds
-from secagg.errors import EnvelopeError, OverflowRiskError, KeyFileError, ModelFormatError, RoundStateError, SecAggError, TransportError
+from secagg.errors import (
+    EnvelopeError,
+    KeyFileError,
+    ModelFormatError,
+    OverflowRiskError,
+    PrivacyError,
+    RoundStateError,
+    SecAggError,
+    TransportError,
+)
 from secagg.keys import ClientKey, ServerKey, load_client_key, load_server_key
 from secagg.models import read_model, write_model
 from secagg.packing import ModelSpec, flatten, unflatten
-from secagg.rounds import Aggregator, RoundStatus
+from secagg.privacy.mechanism import DPConfig, privatize
+from secagg.release import release
+from secagg.rounds import DEFAULT_MIN_COHORT, Aggregator, RoundStatus
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.client import AggregatorClient
 from secagg.transport.server import Server
+from secagg.transport.tls import ClientTLS, ServerTLS
 
 Progress = Callable[[str, int, int], None]
 ModelLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -42,6 +55,7 @@ class Receipt:
     wire_bytes: int
     encrypt_seconds: float
     send_seconds: float
+    dp: DPConfig | None = None  # the DP applied before encryption (the round's, or the site's own local DP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +69,18 @@ class Average:
     total_weight: float
 
 
-def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str | os.PathLike) -> Server:
-    """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server."""
+def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str | os.PathLike,
+          min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None, delta: float | None = None,
+          *, tls: ServerTLS | None = None, insecure: bool = False) -> Server:
+    """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server.
+
+    ``tls`` with a ``ca`` is mutual TLS: every client needs a certificate from that CA, a client may
+    submit only as its certificate's name, and creating rounds needs an admin certificate. Without
+    it nobody's identity is checked, so other addresses than loopback need ``insecure=True``.
+    """
     key = server_key if isinstance(server_key, ServerKey) else load_server_key(server_key)
-    return Server(Aggregator(key, state_dir), listen).start()
+    core = Aggregator(key, state_dir, min_cohort=min_cohort, epsilon_budget=epsilon_budget, delta=delta)
+    return Server(core, listen, tls=tls, insecure=insecure).start()
 
 
 def create_round(
@@ -70,8 +92,17 @@ def create_round(
     deadline: float | None = None,
     max_weight: float | None = None,
     value_bound: float | None = None,
+    dp: DPConfig | None = None,
+    enroll: tuple[str, ...] | list[str] = (),
+    *,
+    tls: ClientTLS | None = None,
 ) -> RoundStatus:
-    """Create a round for the template's architecture. Only names, shapes and dtypes are sent."""
+    """Create a round for the template's architecture. Only names, shapes and dtypes are sent.
+
+    ``dp``: client-level differential privacy for the round; every submission is clipped and noised
+    with it, and the aggregator charges the round to the federation's privacy budget. ``enroll``:
+    the clients allowed to submit (empty: any).
+    """
     # The aggregator checks the limits; negative numbers cannot even travel in the request's unsigned fields.
     for option, value in (("--clients", clients), ("--min-clients", min_clients or 0)):
         if value < 0:
@@ -81,18 +112,21 @@ def create_round(
     for name, value in (("max weight", max_weight), ("value bound", value_bound)):
         if value is not None and not value > 0:  # 0 would silently mean "the default" on the wire
             raise OverflowRiskError(f"{name} must be a positive number, got {value}; leave it out for the default")
+    if dp is not None:
+        dp.validate()
     spec = ModelSpec.of(_tensors(template))
     request = pb.CreateRoundRequest(
         round_id=round_id, model_spec_json=spec.to_json(), expected_clients=clients, min_clients=min_clients or 0,
         deadline_seconds=deadline or 0.0, max_weight=max_weight or 0.0, value_bound=value_bound or 0.0,
+        dp_json=json.dumps(dp.to_dict()) if dp else "", enrolled=list(enroll),
     )
-    with AggregatorClient(server) as client:
+    with AggregatorClient(server, tls=tls) as client:
         return client.create_round(request)[0]
 
 
-def round_status(server: str, round_id: str) -> RoundStatus:
+def round_status(server: str, round_id: str, *, tls: ClientTLS | None = None) -> RoundStatus:
     """The round's state, number of submissions and who submitted."""
-    with AggregatorClient(server) as client:
+    with AggregatorClient(server, tls=tls) as client:
         return client.status(round_id)[0]
 
 
@@ -105,20 +139,35 @@ def submit(
     weight: float = 1.0,
     progress: Progress | None = None,
     retry_for: float = 60.0,
+    dp_reference: ModelLike | None = None,
+    local_dp: DPConfig | None = None,
+    rng: np.random.Generator | None = None,
+    *,
+    tls: ClientTLS | None = None,
 ) -> Receipt:
     """Encrypt ``model`` (times ``weight``) under the federation key and submit it to the round.
 
+    If the round has DP settings, the model is clipped and noised with them before encryption:
+    relative to ``dp_reference`` (a model every site knows, e.g. the previous global model) if
+    given, else as a whole vector. ``local_dp`` lets a site add local DP of its own to a round
+    without DP settings. DP submissions use equal weights (``weight`` must stay 1).
     If the aggregator is unreachable mid-way (restart), the same encrypted bytes are resent for up
     to ``retry_for`` seconds; the aggregator recognises a resend and counts it once.
     """
     ckey = _client_key(key)
     envelope.check_id("client", client_id)
     tensors = _tensors(model)
-    with AggregatorClient(server) as client:
+    with AggregatorClient(server, tls=tls) as client:
         status, spec = _round_for(client, round_id, ckey)
         if status.state != "collecting":
             raise RoundStateError(f"round {round_id!r} is {status.state}; it accepts no more updates")
         theta = flatten(spec, tensors)
+        dp = _submission_dp(status, local_dp, weight)
+        if dp is not None:
+            reference = None if dp_reference is None else flatten(spec, _tensors(dp_reference))
+            # Clamping to the round's value bound after the noise is post-processing: it costs no
+            # privacy and keeps a large noise draw from overflowing the encrypted sum.
+            theta = np.clip(privatize(theta, dp, reference, rng), -status.value_bound, status.value_bound)
         t0 = time.perf_counter()
         vector = ciphertexts.encode_update(theta, float(weight), _bounds(status))
         blobs = ciphertexts.encrypt(ckey, vector, progress=progress)
@@ -127,15 +176,36 @@ def submit(
         reply = _with_retries(lambda: client.submit(header, _report(chunks, progress, "send")), retry_for)
         t2 = time.perf_counter()
     return Receipt(round_id, client_id, reply.submitted, reply.already_accepted, spec.num_params,
-                   sum(map(len, blobs)) + sum(len(c.sha256) for c in chunks) + len(header.digest), t1 - t0, t2 - t1)
+                   sum(map(len, blobs)) + sum(len(c.sha256) for c in chunks) + len(header.digest), t1 - t0, t2 - t1,
+                   dp)
+
+
+def _submission_dp(status: RoundStatus, local_dp: DPConfig | None, weight: float) -> DPConfig | None:
+    """The DP a submission gets: the round's, or the site's own local DP; None for neither."""
+    round_dp = DPConfig.from_dict(status.dp) if status.dp else None
+    if local_dp is not None:
+        local_dp.validate()
+        if round_dp is not None and local_dp != round_dp:
+            raise PrivacyError(
+                f"round {status.round_id!r} has its own DP settings ({round_dp.to_dict()}); drop the site's DP options "
+                "or give exactly the round's"
+            )
+        if round_dp is None and local_dp.mode != "local":
+            raise PrivacyError("a site on its own can only add --dp-mode local noise; distributed noise needs the round's "
+                               "DP settings, so that every site adds its share")
+    dp = round_dp or local_dp
+    if dp is not None and float(weight) != 1.0:
+        raise PrivacyError("DP rounds average with equal weights (one site's clipped contribution is the sensitivity); "
+                           "drop --weight")
+    return dp
 
 
 def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
-                  progress: Progress | None = None) -> Average:
+                  progress: Progress | None = None, *, tls: ClientTLS | None = None) -> Average:
     """Download the round's encrypted sum, decrypt it, check it, and return the weighted mean."""
     ckey = _client_key(key)
     end = time.monotonic() + wait
-    with AggregatorClient(server) as client:
+    with AggregatorClient(server, tls=tls) as client:
         status, spec = _round_for(client, round_id, ckey)
         while True:
             try:
@@ -151,7 +221,8 @@ def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
         blobs = list(envelope.iter_chunks(header, _report(chunks, progress, "receive", head.num_chunks)))
     vector = ciphertexts.decrypt(ckey, blobs, spec.num_params + ciphertexts.EXTRA_SLOTS)
     mean, total_weight = ciphertexts.decode_aggregate(vector, head.contributions, _bounds(status))
-    return Average(spec, mean, head.contributions, tuple(head.clients), total_weight)
+    # Never hand out a raw CKKS decryption (secagg.release says why).
+    return Average(spec, release(mean), head.contributions, tuple(head.clients), total_weight)
 
 
 def fetch(
@@ -162,12 +233,14 @@ def fetch(
     out: str | os.PathLike,
     wait: float = 0.0,
     progress: Progress | None = None,
+    *,
+    tls: ClientTLS | None = None,
 ) -> Path:
     """Fetch the round's weighted average and write it as a model file in the template's format.
 
     Integer tensors (counters) are not aggregated; they are copied from the template.
     """
-    average = fetch_average(server, round_id, key, wait, progress)
+    average = fetch_average(server, round_id, key, wait, progress, tls=tls)
     template_tensors = read_model(template)
     actual = ModelSpec.of(template_tensors)
     if actual != average.spec:

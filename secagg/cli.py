@@ -12,8 +12,12 @@ import logging
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from secagg.errors import SecAggError
+
+if TYPE_CHECKING:
+    from secagg.transport.tls import ClientTLS, ServerTLS
 
 # The defaults of secagg.merge.methods (INIT_EPOCHS, INIT_WARMUP_ROUNDS), repeated here so that the
 # CLI starts without importing the merge code; tests/merge/test_simulate.py checks they agree.
@@ -52,12 +56,40 @@ def _parser() -> argparse.ArgumentParser:
                                    "KEYDIR/server.key (for the aggregator: cannot decrypt).")
     k.add_argument("--out", required=True, metavar="KEYDIR", help="directory for the two key files")
 
+    ct = sub.add_parser("certs", help="create a development CA and TLS certificates", epilog=EPILOG,
+                        description="A local CA for mutual TLS. A client certificate's name is the only client id "
+                                    "it may submit as; --admin certificates may create rounds. Keys are written "
+                                    "with mode 0600; existing files are never overwritten.")
+    ctsub = ct.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    ci = ctsub.add_parser("init", help="create the CA (ca.crt for everyone, ca.key to guard)", epilog=EPILOG)
+    ci.add_argument("--dir", required=True, metavar="DIR", help="directory for ca.crt and ca.key")
+    cs = ctsub.add_parser("issue", help="issue NAME.crt and NAME.key from the CA in --dir", epilog=EPILOG)
+    cs.add_argument("--dir", required=True, metavar="DIR", help="directory of the CA (from 'secagg certs init')")
+    cs.add_argument("--name", required=True, metavar="NAME", help="a client id (or a file name for --server)")
+    cs.add_argument("--admin", action="store_true", help="the certificate may create rounds")
+    cs.add_argument("--server", action="store_true", help="the aggregator's certificate")
+    cs.add_argument("--host", action="append", default=[], metavar="HOST",
+                    help="with --server: a DNS name or IP clients dial (repeatable; default localhost and 127.0.0.1)")
+
     s = sub.add_parser("serve", help="run the aggregator", epilog=EPILOG,
                        description="Run the aggregator. It holds no secret key and only adds ciphertexts. State is "
                                    "durable: after a crash, restart on the same --state-dir and nothing accepted is lost.")
     s.add_argument("--key", required=True, help="the federation's server.key")
     s.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to bind (port 0 picks a free port)")
     s.add_argument("--state-dir", required=True, metavar="DIR", help="directory for rounds and accepted updates")
+    st = s.add_argument_group("TLS", "Without --tls-ca nobody's identity is checked: allowed on a loopback --listen, "
+                                     "elsewhere only with --insecure.")
+    st.add_argument("--tls-cert", metavar="CRT", help="the aggregator's certificate ('secagg certs issue --server')")
+    st.add_argument("--tls-key", metavar="KEY", help="the aggregator's private key")
+    st.add_argument("--tls-ca", metavar="CA_CRT", help="mutual TLS: clients need a certificate from this CA, submit "
+                                                       "only as its name, and need --admin ones to create rounds")
+    st.add_argument("--insecure", action="store_true", help="allow a non-loopback --listen without mutual TLS")
+    s.add_argument("--min-cohort", type=int, default=3, metavar="K",
+                   help="no round may close with fewer than K contributions (default 3: with K contributors, "
+                        "K-1 colluding sites can read the remaining site's update off the sum)")
+    s.add_argument("--epsilon-budget", type=float, metavar="EPS",
+                   help="the federation's privacy budget: DP rounds that would exceed it are refused (kept in --state-dir)")
+    s.add_argument("--delta", type=float, metavar="D", help="the federation's delta for --epsilon-budget (e.g. 1e-5)")
 
     r = sub.add_parser("round", help="create a round or show its status", epilog=EPILOG)
     rsub = r.add_subparsers(dest="round_command", required=True, metavar="ACTION")
@@ -73,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest --weight a client may use (default 1e5); closer to the real weights is more precise")
     rc.add_argument("--value-bound", type=float, metavar="B",
                     help="largest |parameter| a client may submit (default 100); keeps the encrypted sum from overflowing")
+    rc.add_argument("--enroll", metavar="A,B,...", help="comma-separated client ids allowed to submit (default: any)")
+    _dp_options(rc, "client-level differential privacy of the round (every site clips and noises its update)")
+    rc.add_argument("--target-epsilon", type=float, metavar="EPS",
+                    help="instead of --noise-multiplier: the smallest noise that gives this round epsilon <= EPS")
+    rc.add_argument("--min-honest", type=int, metavar="K",
+                    help="distributed DP: contributions assumed honest; each site adds 1/K of the noise variance "
+                         "(default: --min-clients)")
     rs = rsub.add_parser("status", help="print a round's status as JSON", epilog=EPILOG)
     _server_round(rs)
 
@@ -85,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--weight", type=float, default=1.0, metavar="W",
                     help="this site's weight, e.g. its number of training samples (default 1)")
     sm.add_argument("--quiet", action="store_true", help="no progress output")
+    sm.add_argument("--dp-reference", metavar="MODEL",
+                    help="DP rounds: clip the update relative to this model every site knows (e.g. the last global "
+                         "model); default: clip the whole weight vector")
+    _dp_options(sm, "this site's own local DP, for a round without DP settings (the round's settings otherwise "
+                    "apply automatically)")
 
     f = sub.add_parser("fetch", help="fetch and decrypt a round's weighted average as a model file", epilog=EPILOG)
     _server_round(f)
@@ -162,9 +206,68 @@ def _check_rounds(args: argparse.Namespace) -> None:
         raise SecAggError("--init-epochs must be >= 1 and --init-warmup >= 0")
 
 
+def _dp_options(p: argparse.ArgumentParser, title: str) -> None:
+    g = p.add_argument_group("differential privacy", title)
+    g.add_argument("--clip-norm", type=float, metavar="C", help="L2 bound of one site's contribution")
+    g.add_argument("--noise-multiplier", type=float, metavar="Z", help="Gaussian noise std of the sum, in units of C")
+    g.add_argument("--delta", type=float, default=None, metavar="D", help="delta of (epsilon, delta) (default 1e-5)")
+    g.add_argument("--dp-mode", choices=("local", "distributed"), default=None,
+                   help="local: every site adds the full noise; distributed: the sum carries it (default distributed "
+                        "for rounds, local for a site's own DP)")
+
+
+def _dp_config(args: argparse.Namespace, min_clients: int | None, default_mode: str):
+    """A DPConfig from the DP options, or None if none was given."""
+    target = getattr(args, "target_epsilon", None)
+    given = [args.clip_norm, args.noise_multiplier, target, args.delta, args.dp_mode, getattr(args, "min_honest", None)]
+    if all(v is None for v in given):
+        return None
+    from secagg.privacy.accountant import noise_multiplier_for
+    from secagg.privacy.mechanism import DPConfig
+
+    if args.clip_norm is None:
+        raise SecAggError("differential privacy needs --clip-norm C (the L2 bound of one site's contribution)")
+    if (args.noise_multiplier is None) == (target is None):
+        raise SecAggError("give exactly one of --noise-multiplier and --target-epsilon" if target is not None
+                          else "differential privacy needs --noise-multiplier Z (or --target-epsilon on round create)")
+    delta = 1e-5 if args.delta is None else args.delta
+    z = args.noise_multiplier if target is None else noise_multiplier_for(target, delta, 1)
+    k = getattr(args, "min_honest", None) or min_clients or 1
+    return DPConfig(args.clip_norm, z, delta, args.dp_mode or default_mode, k).validate()
+
+
 def _server_round(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the aggregator's address")
     p.add_argument("--round", required=True, metavar="ID", help="round id (letters, digits, '.', '_', '-')")
+    t = p.add_argument_group("TLS", "Default: the SECAGG_TLS_CA, SECAGG_TLS_CERT and SECAGG_TLS_KEY variables, "
+                                    "else no TLS.")
+    t.add_argument("--tls-ca", metavar="CA_CRT", help="the CA that issued the aggregator's certificate")
+    t.add_argument("--tls-cert", metavar="CRT", help="this client's certificate (its name is the client id)")
+    t.add_argument("--tls-key", metavar="KEY", help="this client's private key")
+
+
+def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
+    """TLS settings from --tls-ca/--tls-cert/--tls-key; None (the SECAGG_TLS_* variables apply) without them."""
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_ca is None:
+        raise SecAggError("--tls-cert and --tls-key need --tls-ca, the CA that issued the aggregator's certificate")
+    from secagg.transport.tls import ClientTLS
+
+    return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
+    """The aggregator's TLS settings from --tls-cert/--tls-key/--tls-ca; None without them."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_ca is not None:
+            raise SecAggError("--tls-ca needs --tls-cert and --tls-key, the aggregator's own certificate and key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise SecAggError("--tls-cert and --tls-key go together: give both")
+    from secagg.transport.tls import ServerTLS
+
+    return ServerTLS(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -174,9 +277,19 @@ def _run(args: argparse.Namespace) -> int:
         paths = secagg.keygen(args.out)
         key = secagg.load_server_key(paths.server)
         print(json.dumps({"client_key": str(paths.client), "server_key": str(paths.server), "key_id": key.key_id}))
+    elif args.command == "certs":
+        from secagg import certs
+
+        if args.certs_command == "init":
+            written = certs.init_ca(args.dir)
+        else:
+            written = certs.issue(args.dir, args.name, admin=args.admin, server=args.server, hosts=args.host)
+        print(json.dumps({"cert": str(written.cert), "key": str(written.key)}))
     elif args.command == "serve":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        server = secagg.serve(args.key, args.listen, args.state_dir)
+        server = secagg.serve(args.key, args.listen, args.state_dir, min_cohort=args.min_cohort,
+                              epsilon_budget=args.epsilon_budget, delta=args.delta, tls=_server_tls(args),
+                              insecure=args.insecure)
         print(f"secagg: serving on {server.address}", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         try:
@@ -184,18 +297,23 @@ def _run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             server.stop()
     elif args.command == "round" and args.round_command == "create":
+        dp = _dp_config(args, args.min_clients or args.clients, "distributed")
+        enroll = [c.strip() for c in args.enroll.split(",") if c.strip()] if args.enroll else []
         status = secagg.create_round(args.server, args.round, args.template, args.clients, args.min_clients,
-                                     args.deadline, args.max_weight, args.value_bound)
+                                     args.deadline, args.max_weight, args.value_bound, dp=dp, enroll=enroll,
+                                     tls=_client_tls(args))
         print(json.dumps(status.to_json_dict()))
     elif args.command == "round":
-        s = secagg.round_status(args.server, args.round)
+        s = secagg.round_status(args.server, args.round, tls=_client_tls(args))
         print(json.dumps(s.to_json_dict()))
     elif args.command == "submit":
         r = secagg.submit(args.server, args.round, args.key, args.client_id, args.model, args.weight,
-                          progress=_Progress(args.quiet))
+                          progress=_Progress(args.quiet), dp_reference=args.dp_reference,
+                          local_dp=_dp_config(args, None, "local"), tls=_client_tls(args))
         print(json.dumps({"round": r.round_id, "client_id": r.client_id, "submitted": r.submitted,
                           "already_accepted": r.already_accepted, "num_params": r.num_params,
-                          "wire_bytes": r.wire_bytes, "bytes_per_param": round(r.wire_bytes / r.num_params, 3)}))
+                          "wire_bytes": r.wire_bytes, "bytes_per_param": round(r.wire_bytes / r.num_params, 3),
+                          "dp": r.dp.to_dict() if r.dp else None}))
     elif args.command == "simulate":
         from secagg.merge.simulate import simulate
 
@@ -213,7 +331,8 @@ def _run(args: argparse.Namespace) -> int:
         site = load_site(args.client_id, args.model, args.data)
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
                                args.method, args.clients, args.finetune_rounds,
-                               args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup)
+                               args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup,
+                               tls=_client_tls(args))
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         print(json.dumps({"method": args.method, "out": str(written), "chosen": info}))
     elif args.command == "scaler":
@@ -228,7 +347,7 @@ def _run(args: argparse.Namespace) -> int:
             values = d["values"]
         scaler = run_protocol(args.server, args.round, secagg.load_client_key(args.key), args.client_id,
                               shared_scaler(values, args.log1p, args.value_bound), args.clients, wait=args.wait,
-                              max_weight=args.max_weight)
+                              max_weight=args.max_weight, tls=_client_tls(args))
         scaler.save(args.out)
         print(json.dumps({"out": args.out, "mean": scaler.mean.tolist(), "std": scaler.std.tolist(), "site_rows": scaler.site_rows}))
     elif args.command == "diagnose":
@@ -237,7 +356,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(diagnose(args.model, args.data, args.scaler).to_json_dict()))
     elif args.command == "fetch":
         out = secagg.fetch(args.server, args.round, args.key, args.template, args.out, args.wait,
-                           progress=_Progress(args.quiet))
+                           progress=_Progress(args.quiet), tls=_client_tls(args))
         print(json.dumps({"round": args.round, "out": str(out)}))
     return 0
 

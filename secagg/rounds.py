@@ -32,13 +32,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from secagg import envelope, store
+from secagg.budget import PrivacyLedger
 from secagg.ciphertexts import Bounds, EncryptedSum, num_ciphertexts
 from secagg.envelope import Chunk, ChunkValidator, Header, check_id
 from secagg.errors import (
+    AuthError,
     CiphertextError,
+    CohortError,
     DuplicateSubmissionError,
     EnvelopeError,
     KeyFileError,
+    PrivacyError,
     RoundExistsError,
     RoundNotFoundError,
     RoundStateError,
@@ -46,12 +50,16 @@ from secagg.errors import (
 )
 from secagg.keys import ServerKey
 from secagg.packing import ModelSpec
+from secagg.privacy.mechanism import DPConfig
 
 log = logging.getLogger("secagg.aggregator")
 
 COLLECTING, CLOSED, FAILED = "collecting", "closed", "failed"
 DEFAULT_MAX_WEIGHT = 1e5
 DEFAULT_VALUE_BOUND = 100.0
+#: No sum of fewer contributions is ever released: with K contributors, K-1 colluding sites subtract
+#: their own updates from the sum and read the remaining one (with 2, each reads the other's model).
+DEFAULT_MIN_COHORT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,8 @@ class RoundConfig:
     deadline_unix: float | None
     max_weight: float = DEFAULT_MAX_WEIGHT
     value_bound: float = DEFAULT_VALUE_BOUND
+    dp: DPConfig | None = None
+    enrolled: tuple[str, ...] = ()
 
     @property
     def bounds(self) -> Bounds:
@@ -83,6 +93,8 @@ class RoundConfig:
             "deadline_unix": self.deadline_unix,
             "max_weight": self.max_weight,
             "value_bound": self.value_bound,
+            "dp": self.dp.to_dict() if self.dp else None,
+            "enrolled": list(self.enrolled),
         }
 
     @classmethod
@@ -90,6 +102,7 @@ class RoundConfig:
         return cls(
             d["round_id"], ModelSpec.from_json(d["spec"]), int(d["expected_clients"]), int(d["min_clients"]),
             d["deadline_unix"], float(d["max_weight"]), float(d["value_bound"]),
+            DPConfig.from_dict(d["dp"]) if d.get("dp") else None, tuple(d.get("enrolled", ())),
         )
 
 
@@ -110,10 +123,17 @@ class RoundStatus:
     value_bound: float
     num_params: int
     reason: str = ""
+    dp: dict | None = None  # the round's DPConfig as a dict
+    enrolled: tuple[str, ...] = ()
+    epsilon_round: float = 0.0  # this round's own epsilon (0: no DP)
+    epsilon_spent: float = 0.0  # the federation's epsilon over all DP rounds created so far
+    epsilon_budget: float | None = None
+    delta: float | None = None  # the federation's delta
+    min_cohort: int = DEFAULT_MIN_COHORT
 
     def to_json_dict(self) -> dict:
         """The fields ``secagg round status`` prints."""
-        return dataclasses.asdict(self) | {"clients": list(self.clients)}
+        return dataclasses.asdict(self) | {"clients": list(self.clients), "enrolled": list(self.enrolled)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,10 +195,13 @@ class Aggregator:
     """The aggregator's core: rounds, submissions and the running encrypted sums.
 
     It holds only a :class:`ServerKey`, which cannot decrypt. ``clock`` is injectable so tests of
-    deadlines need no sleeping.
+    deadlines need no sleeping. ``min_cohort``: no round may close with fewer contributions.
+    ``epsilon_budget``/``delta``: the federation's privacy budget (persisted in the state dir).
     """
 
-    def __init__(self, key: ServerKey, state_dir: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, key: ServerKey, state_dir: str | Path, clock: Callable[[], float] = time.time,
+                 min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None,
+                 delta: float | None = None) -> None:
         if not isinstance(key, ServerKey) or hasattr(key, "secret_key"):
             raise KeyFileError("the aggregator must be given server.key, never the client's secret key")
         self.key = key
@@ -188,7 +211,14 @@ class Aggregator:
         self._rounds_dir.mkdir(parents=True, exist_ok=True)
         self._rounds: dict[str, _Round] = {}
         self._lock = threading.Lock()
+        if min_cohort < 1:
+            raise CohortError(f"--min-cohort must be at least 1, got {min_cohort}")
+        if min_cohort < DEFAULT_MIN_COHORT:
+            log.warning("minimum cohort %d is below %d: with K contributors, K-1 colluding sites can read the "
+                        "remaining site's update off the sum", min_cohort, DEFAULT_MIN_COHORT)
+        self.min_cohort = min_cohort
         self._check_state_key()
+        self.ledger = PrivacyLedger(self.state_dir, epsilon_budget, delta)
         self._recover()
 
     # -- rounds -----------------------------------------------------------------------------------
@@ -202,12 +232,31 @@ class Aggregator:
             raise SecAggError(
                 f"--min-clients must be between 1 and --clients ({config.expected_clients}), got {config.min_clients}"
             )
+        if config.min_clients < self.min_cohort:
+            raise CohortError(
+                f"round {config.round_id!r} could close with {config.min_clients} contribution(s), but this aggregator "
+                f"releases no sum of fewer than {self.min_cohort}: with K contributors, K-1 colluding sites subtract "
+                f"their own updates and read the remaining site's. Use --min-clients {self.min_cohort} or more "
+                f"(and --clients at least that)"
+            )
         if config.spec.num_params == 0:
             raise SecAggError("the template has no floating-point tensors: there is nothing to aggregate")
         config.bounds.check()
+        self._check_enrolled(config)
+        if config.dp is not None:
+            config.dp.validate()
+            if config.dp.mode == "distributed" and config.dp.min_honest > config.min_clients:
+                raise PrivacyError(
+                    f"distributed DP counts on {config.dp.min_honest} honest contributions, but round "
+                    f"{config.round_id!r} may close with {config.min_clients}; raise --min-clients or lower the "
+                    "assumed honest minimum"
+                )
         with self._lock:
             if config.round_id in self._rounds:
                 raise RoundExistsError(f"round {config.round_id!r} already exists; pick a new round id")
+            if config.dp is not None:
+                # Charged before the round exists: a crash in between over-counts, never under-counts.
+                self.ledger.charge(config.round_id, config.dp.noise_multiplier, config.dp.delta)
             folder = self._rounds_dir / config.round_id
             folder.mkdir()
             (folder / "accepted").mkdir()
@@ -217,6 +266,18 @@ class Aggregator:
             self._rounds[config.round_id] = rnd
         log.info("round created", extra={"round": config.round_id, "expected": config.expected_clients})
         return self.status(config.round_id)
+
+    @staticmethod
+    def _check_enrolled(config: RoundConfig) -> None:
+        for client in config.enrolled:
+            check_id("client", client)
+        if len(set(config.enrolled)) != len(config.enrolled):
+            raise SecAggError("--enroll lists a client twice; name each client once")
+        if config.enrolled and len(config.enrolled) < config.expected_clients:
+            raise SecAggError(
+                f"--enroll names {len(config.enrolled)} client(s) but --clients is {config.expected_clients}; "
+                "enroll at least as many clients as the round expects"
+            )
 
     def status(self, round_id: str) -> RoundStatus:
         """The round's public state; applies its deadline first."""
@@ -266,6 +327,11 @@ class Aggregator:
             )
         check_id("client", header.client_id)
         rnd = self._round(header.round_id)
+        if rnd.config.enrolled and header.client_id not in rnd.config.enrolled:
+            raise AuthError(
+                f"client {header.client_id!r} is not enrolled in round {rnd.config.round_id!r} (enrolled: "
+                f"{', '.join(rnd.config.enrolled)}); ask the round's administrator to enroll it"
+            )
         if header.key_id != self.key.key_id:
             raise KeyFileError(
                 f"the update is encrypted under key {header.key_id} but this aggregator serves key {self.key.key_id}; "
@@ -386,9 +452,13 @@ class Aggregator:
     def _status(self, rnd: _Round) -> RoundStatus:
         cfg = rnd.config
         clients = tuple(sorted(rnd.accepted)) if rnd.state == COLLECTING else rnd.clients_at_close
+        ledger = self.ledger
         return RoundStatus(
             cfg.round_id, rnd.state, len(clients), cfg.expected_clients, cfg.min_clients, clients, cfg.deadline_unix,
             cfg.spec.hash, self.key.key_id, cfg.max_weight, cfg.value_bound, cfg.spec.num_params, rnd.reason,
+            dp=cfg.dp.to_dict() if cfg.dp else None, enrolled=cfg.enrolled,
+            epsilon_round=ledger.round_epsilon(cfg.round_id), epsilon_spent=ledger.spent(),
+            epsilon_budget=ledger.epsilon_budget, delta=ledger.delta, min_cohort=self.min_cohort,
         )
 
     def _apply_deadline(self, rnd: _Round) -> None:
@@ -398,20 +468,29 @@ class Aggregator:
         if len(rnd.accepted) >= cfg.min_clients:
             self._close(rnd)
         else:
-            rnd.state = FAILED
-            rnd.clients_at_close = tuple(sorted(rnd.accepted))
-            rnd.reason = (
-                f"deadline passed with {len(rnd.accepted)} of {cfg.expected_clients} updates, fewer than the minimum "
-                f"{cfg.min_clients}; accepted from: {', '.join(rnd.clients_at_close) or 'nobody'}"
-            )
-            rnd.sum = None
-            self._save_round(rnd)
-            self._drop_updates(rnd)
-            log.warning("round failed", extra={"round": cfg.round_id, "reason": rnd.reason})
+            self._fail(rnd, f"deadline passed with {len(rnd.accepted)} of {cfg.expected_clients} updates, fewer than "
+                            f"the minimum {cfg.min_clients}")
         rnd.changed.notify_all()
+
+    def _fail(self, rnd: _Round, why: str) -> None:
+        cfg = rnd.config
+        rnd.state = FAILED
+        rnd.clients_at_close = tuple(sorted(rnd.accepted))
+        missing = sorted(set(cfg.enrolled) - set(rnd.clients_at_close))
+        rnd.reason = f"{why}; accepted from: {', '.join(rnd.clients_at_close) or 'nobody'}" + (
+            f"; missing: {', '.join(missing)}" if missing else "")
+        rnd.sum = None
+        self._save_round(rnd)
+        self._drop_updates(rnd)
+        log.warning("round failed", extra={"round": cfg.round_id, "reason": rnd.reason})
 
     def _close(self, rnd: _Round) -> None:
         clients = tuple(sorted(rnd.accepted))
+        if len(clients) < self.min_cohort:
+            # Only reachable for a round created under a lower --min-cohort, recovered by this server.
+            self._fail(rnd, f"{len(clients)} contribution(s) are fewer than this aggregator's minimum cohort "
+                            f"{self.min_cohort}: the sum is not released")
+            return
         writer = store.BlobWriter(rnd.folder / "aggregate.tmp", {"contributions": len(clients), "clients": list(clients)})
         digest = hashlib.sha256()
         for blob in rnd.sum.iter_blobs():  # one ciphertext at a time: no second copy of the sum

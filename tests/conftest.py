@@ -147,8 +147,12 @@ def other_client_key(other_keypair) -> ClientKey:
 
 @pytest.fixture
 def server(keypair, tmp_path):
-    """A running aggregator (secagg.serve) on 127.0.0.1 with a free port; stopped afterwards."""
-    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "server-state")
+    """A running aggregator (secagg.serve) on 127.0.0.1 with a free port; stopped afterwards.
+
+    Its minimum cohort is 1, so that tests of round mechanics can use one or two clients; the
+    default of 3 and its enforcement are tested in tests/privacy/test_cohort.py.
+    """
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "server-state", min_cohort=1)
     try:
         yield srv
     finally:
@@ -181,10 +185,11 @@ def secagg_command(*args: str) -> list[str]:
 class ServeProcess:
     """``secagg serve`` as a child process; its address is parsed from the "serving on" line."""
 
-    def __init__(self, key: Path, state_dir: Path, listen: str = "127.0.0.1:0", timeout: float = 60.0) -> None:
+    def __init__(self, key: Path, state_dir: Path, listen: str = "127.0.0.1:0", timeout: float = 60.0,
+                 extra: tuple[str, ...] = ()) -> None:
         self.log: list[str] = []
         self.proc = subprocess.Popen(
-            secagg_command("serve", "--key", str(key), "--listen", listen, "--state-dir", str(state_dir)),
+            secagg_command("serve", "--key", str(key), "--listen", listen, "--state-dir", str(state_dir), *extra),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_quiet_env(),
         )
         found = threading.Event()
@@ -246,8 +251,9 @@ def serve_process(keypair, tmp_path):
     """``start(state_dir=..., listen=...)``: start ``secagg serve`` subprocesses; all are killed afterwards."""
     started: list[ServeProcess] = []
 
-    def start(state_dir: Path | None = None, listen: str = "127.0.0.1:0", key: Path | None = None) -> ServeProcess:
-        p = ServeProcess(key or keypair.server, state_dir or tmp_path / "serve-state", listen)
+    def start(state_dir: Path | None = None, listen: str = "127.0.0.1:0", key: Path | None = None,
+              extra: tuple[str, ...] = ()) -> ServeProcess:
+        p = ServeProcess(key or keypair.server, state_dir or tmp_path / "serve-state", listen, extra=extra)
         started.append(p)
         return p
 
@@ -285,3 +291,55 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
 
 
 Helpers.wait_for = staticmethod(wait_for)
+
+
+# -- TLS certificates (secagg certs) --------------------------------------------------------------
+
+
+class PKI:
+    """A development CA made by ``secagg.certs``: the aggregator's certificate (localhost, 127.0.0.1),
+    an admin (CN admin, OU secagg-admin), clients site0..site3, and a second, unrelated CA."""
+
+    SITES = ("site0", "site1", "site2", "site3")
+
+    def __init__(self, root: Path) -> None:
+        from secagg import certs
+
+        self.dir, self.other_dir = root / "ca", root / "other-ca"
+        self.ca = certs.init_ca(self.dir).cert
+        self.server = certs.issue(self.dir, "server", server=True)
+        self.certs = {name: certs.issue(self.dir, name) for name in self.SITES}
+        self.certs["admin"] = certs.issue(self.dir, "admin", admin=True)
+        self.other_ca = certs.init_ca(self.other_dir).cert
+        self.other_certs = {"site0": certs.issue(self.other_dir, "site0"),
+                            "server": certs.issue(self.other_dir, "server", server=True)}
+
+    def server_tls(self, mutual: bool = True):
+        """The aggregator's settings: mutual TLS (clients need a certificate from this CA) or TLS only."""
+        return secagg.ServerTLS(self.server.cert, self.server.key, self.ca if mutual else None)
+
+    def client(self, name: str | None):
+        """A client trusting this CA, with ``name``'s certificate (None: no client certificate)."""
+        if name is None:
+            return secagg.ClientTLS(self.ca)
+        return secagg.ClientTLS(self.ca, self.certs[name].cert, self.certs[name].key)
+
+    def env(self, name: str) -> dict[str, str]:
+        """The SECAGG_TLS_* variables for ``name``."""
+        return {"SECAGG_TLS_CA": str(self.ca), "SECAGG_TLS_CERT": str(self.certs[name].cert),
+                "SECAGG_TLS_KEY": str(self.certs[name].key)}
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def mtls_server(keypair, pki, tmp_path):
+    """A running aggregator on 127.0.0.1 with mutual TLS (credentials enforced); stopped afterwards."""
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "mtls-state", tls=pki.server_tls())
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=0)

@@ -16,6 +16,9 @@ import pytest
 
 import secagg
 
+# Round mechanics with two clients need the aggregator's minimum cohort lowered (default 3, tested in
+# tests/privacy/test_cohort.py).
+SMALL_COHORT = ("--min-cohort", "1")
 COMMANDS = [[], ["keygen"], ["serve"], ["round"], ["round", "create"], ["round", "status"], ["submit"], ["fetch"]]
 
 
@@ -165,7 +168,7 @@ def _keras_model(keras, seed):
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_round_with_keras_models(cli, cli_popen, serve_process, keydir, tmp_path, helpers, suffix):
     keras = pytest.importorskip("keras")
-    server = serve_process()
+    server = serve_process(extra=SMALL_COHORT)
     models = [_keras_model(keras, s) for s in range(2)]
     paths = []
     for i, m in enumerate(models):
@@ -195,7 +198,7 @@ def test_keras_model_error_is_one_line(cli, keydir, tmp_path):
 
 
 def test_errors_are_one_line(cli, serve_process, keypair, other_keypair, npz_models, tmp_path):
-    server = serve_process()
+    server = serve_process(extra=SMALL_COHORT)
     a = server.address
     paths, _ = npz_models(2)
     ck, sk, other = str(keypair.client), str(keypair.server), str(other_keypair.client)
@@ -240,7 +243,7 @@ def test_errors_are_one_line(cli, serve_process, keypair, other_keypair, npz_mod
 
 
 def test_fetch_wait_and_template_mismatch(cli, cli_popen, serve_process, keydir, npz_models, tmp_path, helpers):
-    server = serve_process()
+    server = serve_process(extra=SMALL_COHORT)
     a = server.address
     paths, tensors = npz_models(2)
     ok(cli("round", "create", "--server", a, "--round", "r1", "--clients", "2", "--template", str(paths[0])))

@@ -126,7 +126,8 @@ def test_sigkill_while_a_submission_streams(serve_process, keypair, tmp_path, he
 
 def test_sigkill_before_any_submission_and_failed_rounds(serve_process, keypair, npz_models, tmp_path):
     state = tmp_path / "state"
-    server = serve_process(state)
+    small = ("--min-cohort", "1")  # rounds of two clients (the default minimum cohort of 3 is tested elsewhere)
+    server = serve_process(state, extra=small)
     paths, _ = npz_models(1)
     secagg.create_round(server.address, "r1", template=paths[0], clients=2)
     secagg.create_round(server.address, "r2", template=paths[0], clients=2, min_clients=2, deadline=0.5)
@@ -134,7 +135,7 @@ def test_sigkill_before_any_submission_and_failed_rounds(serve_process, keypair,
     with pytest.raises(RoundStateError, match="round 'r2' failed"):
         secagg.fetch_average(server.address, "r2", keypair.client, wait=60)
     server.kill()
-    server = serve_process(state)
+    server = serve_process(state, extra=small)
     s1, s2 = secagg.round_status(server.address, "r1"), secagg.round_status(server.address, "r2")
     assert (s1.state, s1.submitted) == ("collecting", 0)
     assert s2.state == "failed" and "lonely" in s2.reason

@@ -49,7 +49,7 @@ def clock():
 
 @pytest.fixture
 def agg(server_key, tmp_path, clock):
-    return Aggregator(server_key, tmp_path / "state", clock=clock)
+    return Aggregator(server_key, tmp_path / "state", clock=clock, min_cohort=1)
 
 
 @pytest.fixture
@@ -417,7 +417,7 @@ def test_restart_mid_round_replays_accepted_updates(agg, server_key, client_key,
     # A partial upload left behind by a crash must not count.
     (agg.state_dir / "rounds" / "r1" / "incoming" / "site-2.abc.part").write_bytes(b"junk")
 
-    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
     s = agg2.status("r1")
     assert (s.state, s.submitted, s.clients) == ("collecting", 2, ("site-0", "site-1"))
     assert not any((agg.state_dir / "rounds" / "r1" / "incoming").iterdir())
@@ -430,7 +430,7 @@ def test_restart_mid_round_replays_accepted_updates(agg, server_key, client_key,
     check_average(agg2, client_key, cfg, ms, weights, helpers)
 
     # And a closed round survives a restart as it was.
-    agg3 = Aggregator(server_key, agg.state_dir, clock=clock)
+    agg3 = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
     assert agg3.status("r1").clients == ("site-0", "site-1", "site-2")
     check_average(agg3, client_key, cfg, ms, weights, helpers)
 
@@ -443,7 +443,7 @@ def test_restart_after_the_last_update_still_acknowledges_its_resend(agg, server
     submit(agg, client_key, cfg, "a", ms[0], 1.0)
     h, c = update(client_key, cfg, "b", ms[1], 1.0)
     agg.submit(h, iter(c))
-    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
     r = agg2.submit(h, iter(c))
     assert r.already_accepted and r.submitted == 2
     with pytest.raises(DuplicateSubmissionError):
@@ -457,7 +457,7 @@ def test_restart_keeps_deadline_and_failed_state(agg, server_key, client_key, cl
     submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
     clock.now += 10
     assert agg.status("r2").state == "failed"
-    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
     assert agg2.status("r2").state == "failed" and "nobody" in agg2.status("r2").reason
     assert agg2.status("r1").state == "collecting"
     clock.now += 30
@@ -471,7 +471,7 @@ def test_client_ids_that_look_like_temporary_files_survive_a_restart(agg, server
     ms, weights = models(3), [1.0, 2.0, 3.0]
     submit(agg, client_key, cfg, "site.tmp", ms[0], weights[0])
     submit(agg, client_key, cfg, "site.part", ms[1], weights[1])
-    agg2 = Aggregator(server_key, agg.state_dir, clock=clock)
+    agg2 = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
     assert agg2.status("r1").clients == ("site.part", "site.tmp")
     submit(agg2, client_key, cfg, "x", ms[2], weights[2])
     check_average(agg2, client_key, cfg, ms, weights, helpers)

@@ -323,7 +323,7 @@ def wait_until_empty(folder, timeout=30.0):
 
 def test_failed_round_over_grpc(keypair, tmp_path, npz_models):
     paths, _ = npz_models(1)
-    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state")
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state", min_cohort=1)
     try:
         secagg.create_round(srv.address, "r1", template=paths[0], clients=3, min_clients=2, deadline=0.3)
         secagg.submit(srv.address, "r1", keypair.client, "only-me", paths[0])
@@ -338,7 +338,7 @@ def test_failed_round_over_grpc(keypair, tmp_path, npz_models):
 
 def test_unreachable_server_is_a_transport_error(keypair, npz_models):
     paths, _ = npz_models(1)
-    srv = secagg.serve(keypair.server, "127.0.0.1:0", paths[0].parent / "state")
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", paths[0].parent / "state", min_cohort=1)
     address = srv.address
     srv.stop(0)
     with pytest.raises(TransportError, match=f"cannot reach the aggregator at {address}"):

@@ -4,16 +4,21 @@ Every site runs the same command with its own model and data. Each exchange of t
 a round ``<round>.<k>.<step>`` on the aggregator; whichever site arrives first creates it (the
 others find it existing and check it matches), every site submits its encrypted contribution and
 waits for the round to close, then decrypts the average and goes on. Every site contributes to every exchange.
+When the aggregator runs mutual TLS only admin certificates create rounds: sites without one wait
+for a site with one to create each step's round.
 """
 
 from __future__ import annotations
 
+import time
+
 from secagg.api import create_round, fetch_average, round_status, submit
-from secagg.errors import RoundExistsError, SecAggError
+from secagg.errors import AuthError, RoundExistsError, RoundNotFoundError, SecAggError
 from secagg.keys import ClientKey
 from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
 from secagg.merge.protocol import SiteProtocol, single_threaded_blas
 from secagg.packing import ModelSpec, unflatten
+from secagg.transport.tls import ClientTLS
 
 
 def run_site(
@@ -30,44 +35,65 @@ def run_site(
     max_weight: float = 1e5,
     init_epochs: int = INIT_EPOCHS,
     init_warmup: int = INIT_WARMUP_ROUNDS,
+    *,
+    tls: ClientTLS | None = None,
 ):
-    """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``."""
+    """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``.
+
+    ``tls``: this site's TLS settings (None: the ``SECAGG_TLS_*`` variables, if set).
+    """
     protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
-    return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight)
+    return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls=tls)
 
 
 def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
-                 wait: float = 3600.0, max_weight: float = 1e5):
+                 wait: float = 3600.0, max_weight: float = 1e5, *, tls: ClientTLS | None = None):
     """Drive any site protocol generator against ``server``; returns its result."""
     with single_threaded_blas():
-        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight)
+        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls)
 
 
-def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight):
+def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls):
     step = 0
     try:
         exchange = next(protocol)
         while True:
             sub_round = f"{round_id}.{step}.{exchange.name}"[:64]
             template = exchange.tensors
-            _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight)
-            submit(server, sub_round, key, client_id, template, exchange.weight)
-            average = fetch_average(server, sub_round, key, wait=wait)
+            _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight, wait, tls)
+            submit(server, sub_round, key, client_id, template, exchange.weight, tls=tls)
+            average = fetch_average(server, sub_round, key, wait=wait, tls=tls)
             exchange = protocol.send(unflatten(average.spec, average.vector, template))
             step += 1
     except StopIteration as stop:
         return stop.value
 
 
-def _ensure_round(server, round_id, template, clients, value_bound, max_weight) -> None:
+def _ensure_round(server, round_id, template, clients, value_bound, max_weight, wait, tls) -> None:
     try:
         create_round(server, round_id, template=template, clients=clients, value_bound=value_bound,
-                     max_weight=max_weight)
+                     max_weight=max_weight, tls=tls)
+        return
     except RoundExistsError:
-        status = round_status(server, round_id)
-        spec = ModelSpec.of(template)
-        if status.spec_hash != spec.hash or status.expected != clients:
-            raise SecAggError(
-                f"round {round_id!r} exists but does not match this step (another method, model or number of "
-                "sites); all sites must run the same --method with the same --clients and architecture"
-            ) from None
+        status = round_status(server, round_id, tls=tls)
+    except AuthError as refused:
+        status = _wait_for_round(server, round_id, wait, tls, refused)
+    spec = ModelSpec.of(template)
+    if status.spec_hash != spec.hash or status.expected != clients:
+        raise SecAggError(
+            f"round {round_id!r} exists but does not match this step (another method, model or number of "
+            "sites); all sites must run the same --method with the same --clients and architecture"
+        )
+
+
+def _wait_for_round(server, round_id, wait, tls, refused: AuthError):
+    """This site may not create rounds: wait up to ``wait`` seconds for a site that may to create it."""
+    end = time.monotonic() + wait
+    while True:
+        try:
+            return round_status(server, round_id, tls=tls)
+        except RoundNotFoundError:
+            if time.monotonic() >= end:
+                raise AuthError(f"{refused}; no site with an admin certificate created round {round_id!r} within "
+                                f"{wait:g} s: give at least one site an admin certificate") from None
+            time.sleep(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -13,31 +14,41 @@ from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.server import chunk_from_pb, chunk_to_pb
 from secagg.transport.status import error_from_rpc
+from secagg.transport.tls import ClientTLS, handshake_hint
 
 
 def status_from_pb(s: pb.RoundStatus) -> RoundStatus:
     return RoundStatus(
         s.round_id, s.state, s.submitted, s.expected, s.min_clients, tuple(s.clients), s.deadline_unix or None,
         s.spec_hash, s.key_id, s.max_weight, s.value_bound, s.num_params, s.reason,
+        dp=json.loads(s.dp_json) if s.dp_json else None, enrolled=tuple(s.enrolled), epsilon_round=s.epsilon_round,
+        epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or None, delta=s.delta or None,
+        min_cohort=s.min_cohort,
     )
 
 
 class AggregatorClient:
-    """One connection to an aggregator at ``server`` ("host:port")."""
+    """One connection to an aggregator at ``server`` ("host:port").
 
-    def __init__(self, server: str, timeout: float | None = None) -> None:
+    With ``tls`` (or, if it is None, the ``SECAGG_TLS_*`` environment variables) the channel is TLS,
+    checked against ``tls.ca``; the aggregator's certificate must name the host in ``server``.
+    """
+
+    def __init__(self, server: str, timeout: float | None = None, tls: ClientTLS | None = None) -> None:
         self.server = server
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            server,
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     # Streams have no overall deadline (a 50M-parameter update is 400 MB); pings
-                     # find a dead connection instead.
-                     ("grpc.keepalive_time_ms", 30_000),
-                     ("grpc.keepalive_timeout_ms", 20_000),
-                     ("grpc.keepalive_permit_without_calls", 0)],
-        )
+        self.tls = tls if tls is not None else ClientTLS.from_env()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # Streams have no overall deadline (a 50M-parameter update is 400 MB); pings
+                   # find a dead connection instead.
+                   ("grpc.keepalive_time_ms", 30_000),
+                   ("grpc.keepalive_timeout_ms", 20_000),
+                   ("grpc.keepalive_permit_without_calls", 0)]
+        if self.tls is None:
+            self._channel = grpc.insecure_channel(server, options=options)
+        else:
+            self._channel = grpc.secure_channel(server, self.tls.credentials(), options=options)
         self._stub = pb_grpc.AggregatorStub(self._channel)
 
     def __enter__(self) -> "AggregatorClient":
@@ -49,11 +60,14 @@ class AggregatorClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _error(self, err: grpc.RpcError) -> SecAggError:
+        return error_from_rpc(err, self.server, handshake_hint(err.details() or "", self.tls, self.server))
+
     def _call(self, method, request, **kw):
         try:
             return method(request, timeout=kw.pop("timeout", self.timeout), **kw)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.server) from None
+            raise self._error(err) from None
 
     def server_info(self) -> pb.ServerInfo:
         return self._call(self._stub.GetServerInfo, pb.ServerInfoRequest(), timeout=30)
@@ -86,7 +100,7 @@ class AggregatorClient:
                                                timeout=None if self.timeout is None else self.timeout + wait)
             first = next(stream)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.server) from None
+            raise self._error(err) from None
         if first.WhichOneof("kind") != "header":
             raise SecAggError("the aggregator sent an aggregate without a header; upgrade the aggregator")
 
@@ -95,6 +109,6 @@ class AggregatorClient:
                 for msg in stream:
                     yield chunk_from_pb(msg.chunk)
             except grpc.RpcError as err:
-                raise error_from_rpc(err, self.server) from None
+                raise self._error(err) from None
 
         return first.header, chunks()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0csecagg.proto\x12\tsecagg.v1\"\x13\n\x11ServerInfoRequest\"\x81\x01\n\nServerInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1b\n\x13poly_modulus_degree\x18\x02 \x01(\r\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x03 \x03(\r\x12\x12\n\nscale_bits\x18\x04 \x01(\r\x12\x16\n\x0e\x66ormat_version\x18\x05 \x01(\r\"\xb1\x01\n\x12\x43reateRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_clients\x18\x03 \x01(\r\x12\x13\n\x0bmin_clients\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x07 \x01(\x01\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\x99\x02\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12\x13\n\x0bmin_clients\x18\x05 \x01(\r\x12\x0f\n\x07\x63lients\x18\x06 \x03(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x11\n\tspec_hash\x18\x08 \x01(\t\x12\x0e\n\x06key_id\x18\t \x01(\t\x12\x12\n\nmax_weight\x18\n \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x0b \x01(\x01\x12\x12\n\nnum_params\x18\x0c \x01(\x04\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x0e \x01(\t\"\xab\x01\n\x0cUpdateHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tspec_hash\x18\x05 \x01(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\";\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"e\n\rSubmitMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.secagg.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"_\n\x0bSubmitReply\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x18\n\x10\x61lready_accepted\x18\x04 \x01(\x08\"6\n\x0c\x46\x65tchRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xab\x01\n\x0f\x41ggregateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x01(\r\x12\x0f\n\x07\x63lients\x18\x05 \x03(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\"k\n\x10\x41ggregateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.secagg.v1.AggregateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind2\xe0\x02\n\nAggregator\x12\x44\n\rGetServerInfo\x12\x1c.secagg.v1.ServerInfoRequest\x1a\x15.secagg.v1.ServerInfo\x12\x44\n\x0b\x43reateRound\x12\x1d.secagg.v1.CreateRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12>\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12<\n\x06Submit\x12\x18.secagg.v1.SubmitMessage\x1a\x16.secagg.v1.SubmitReply(\x01\x12H\n\x0e\x46\x65tchAggregate\x12\x17.secagg.v1.FetchRequest\x1a\x1b.secagg.v1.AggregateMessage0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0csecagg.proto\x12\tsecagg.v1\"\x13\n\x11ServerInfoRequest\"\x81\x01\n\nServerInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1b\n\x13poly_modulus_degree\x18\x02 \x01(\r\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x03 \x03(\r\x12\x12\n\nscale_bits\x18\x04 \x01(\r\x12\x16\n\x0e\x66ormat_version\x18\x05 \x01(\r\"\xd4\x01\n\x12\x43reateRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_clients\x18\x03 \x01(\r\x12\x13\n\x0bmin_clients\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x07 \x01(\x01\x12\x0f\n\x07\x64p_json\x18\x08 \x01(\t\x12\x10\n\x08\x65nrolled\x18\t \x03(\t\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xa5\x03\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12\x13\n\x0bmin_clients\x18\x05 \x01(\r\x12\x0f\n\x07\x63lients\x18\x06 \x03(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x11\n\tspec_hash\x18\x08 \x01(\t\x12\x0e\n\x06key_id\x18\t \x01(\t\x12\x12\n\nmax_weight\x18\n \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x0b \x01(\x01\x12\x12\n\nnum_params\x18\x0c \x01(\x04\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x0e \x01(\t\x12\x0f\n\x07\x64p_json\x18\x0f \x01(\t\x12\x10\n\x08\x65nrolled\x18\x10 \x03(\t\x12\x15\n\repsilon_round\x18\x11 \x01(\x01\x12\x15\n\repsilon_spent\x18\x12 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x13 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x14 \x01(\x01\x12\x12\n\nmin_cohort\x18\x15 \x01(\r\"\xab\x01\n\x0cUpdateHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tspec_hash\x18\x05 \x01(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\";\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"e\n\rSubmitMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.secagg.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"_\n\x0bSubmitReply\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x18\n\x10\x61lready_accepted\x18\x04 \x01(\x08\"6\n\x0c\x46\x65tchRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xab\x01\n\x0f\x41ggregateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x01(\r\x12\x0f\n\x07\x63lients\x18\x05 \x03(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\"k\n\x10\x41ggregateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.secagg.v1.AggregateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind2\xe0\x02\n\nAggregator\x12\x44\n\rGetServerInfo\x12\x1c.secagg.v1.ServerInfoRequest\x1a\x15.secagg.v1.ServerInfo\x12\x44\n\x0b\x43reateRound\x12\x1d.secagg.v1.CreateRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12>\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12<\n\x06Submit\x12\x18.secagg.v1.SubmitMessage\x1a\x16.secagg.v1.SubmitReply(\x01\x12H\n\x0e\x46\x65tchAggregate\x12\x17.secagg.v1.FetchRequest\x1a\x1b.secagg.v1.AggregateMessage0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERINFO']._serialized_start=49
   _globals['_SERVERINFO']._serialized_end=178
   _globals['_CREATEROUNDREQUEST']._serialized_start=181
-  _globals['_CREATEROUNDREQUEST']._serialized_end=358
-  _globals['_GETROUNDREQUEST']._serialized_start=360
-  _globals['_GETROUNDREQUEST']._serialized_end=395
-  _globals['_ROUNDSTATUS']._serialized_start=398
-  _globals['_ROUNDSTATUS']._serialized_end=679
-  _globals['_UPDATEHEADER']._serialized_start=682
-  _globals['_UPDATEHEADER']._serialized_end=853
-  _globals['_CHUNK']._serialized_start=855
-  _globals['_CHUNK']._serialized_end=914
-  _globals['_SUBMITMESSAGE']._serialized_start=916
-  _globals['_SUBMITMESSAGE']._serialized_end=1017
-  _globals['_SUBMITREPLY']._serialized_start=1019
-  _globals['_SUBMITREPLY']._serialized_end=1114
-  _globals['_FETCHREQUEST']._serialized_start=1116
-  _globals['_FETCHREQUEST']._serialized_end=1170
-  _globals['_AGGREGATEHEADER']._serialized_start=1173
-  _globals['_AGGREGATEHEADER']._serialized_end=1344
-  _globals['_AGGREGATEMESSAGE']._serialized_start=1346
-  _globals['_AGGREGATEMESSAGE']._serialized_end=1453
-  _globals['_AGGREGATOR']._serialized_start=1456
-  _globals['_AGGREGATOR']._serialized_end=1808
+  _globals['_CREATEROUNDREQUEST']._serialized_end=393
+  _globals['_GETROUNDREQUEST']._serialized_start=395
+  _globals['_GETROUNDREQUEST']._serialized_end=430
+  _globals['_ROUNDSTATUS']._serialized_start=433
+  _globals['_ROUNDSTATUS']._serialized_end=854
+  _globals['_UPDATEHEADER']._serialized_start=857
+  _globals['_UPDATEHEADER']._serialized_end=1028
+  _globals['_CHUNK']._serialized_start=1030
+  _globals['_CHUNK']._serialized_end=1089
+  _globals['_SUBMITMESSAGE']._serialized_start=1091
+  _globals['_SUBMITMESSAGE']._serialized_end=1192
+  _globals['_SUBMITREPLY']._serialized_start=1194
+  _globals['_SUBMITREPLY']._serialized_end=1289
+  _globals['_FETCHREQUEST']._serialized_start=1291
+  _globals['_FETCHREQUEST']._serialized_end=1345
+  _globals['_AGGREGATEHEADER']._serialized_start=1348
+  _globals['_AGGREGATEHEADER']._serialized_end=1519
+  _globals['_AGGREGATEMESSAGE']._serialized_start=1521
+  _globals['_AGGREGATEMESSAGE']._serialized_end=1628
+  _globals['_AGGREGATOR']._serialized_start=1631
+  _globals['_AGGREGATOR']._serialized_end=1983
 # @@protoc_insertion_point(module_scope)

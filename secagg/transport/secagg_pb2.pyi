@@ -25,7 +25,7 @@ class ServerInfo(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., format_version: _Optional[int] = ...) -> None: ...
 
 class CreateRoundRequest(_message.Message):
-    __slots__ = ("round_id", "model_spec_json", "expected_clients", "min_clients", "deadline_seconds", "max_weight", "value_bound")
+    __slots__ = ("round_id", "model_spec_json", "expected_clients", "min_clients", "deadline_seconds", "max_weight", "value_bound", "dp_json", "enrolled")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class CreateRoundRequest(_message.Message):
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     VALUE_BOUND_FIELD_NUMBER: _ClassVar[int]
+    DP_JSON_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     model_spec_json: str
     expected_clients: int
@@ -40,7 +42,9 @@ class CreateRoundRequest(_message.Message):
     deadline_seconds: float
     max_weight: float
     value_bound: float
-    def __init__(self, round_id: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., expected_clients: _Optional[int] = ..., min_clients: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ...) -> None: ...
+    dp_json: str
+    enrolled: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round_id: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., expected_clients: _Optional[int] = ..., min_clients: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -49,7 +53,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "state", "submitted", "expected", "min_clients", "clients", "deadline_unix", "spec_hash", "key_id", "max_weight", "value_bound", "num_params", "reason", "model_spec_json")
+    __slots__ = ("round_id", "state", "submitted", "expected", "min_clients", "clients", "deadline_unix", "spec_hash", "key_id", "max_weight", "value_bound", "num_params", "reason", "model_spec_json", "dp_json", "enrolled", "epsilon_round", "epsilon_spent", "epsilon_budget", "delta", "min_cohort")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +68,13 @@ class RoundStatus(_message.Message):
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    DP_JSON_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_ROUND_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    MIN_COHORT_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     state: str
     submitted: int
@@ -78,7 +89,14 @@ class RoundStatus(_message.Message):
     num_params: int
     reason: str
     model_spec_json: str
-    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., deadline_unix: _Optional[float] = ..., spec_hash: _Optional[str] = ..., key_id: _Optional[str] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., num_params: _Optional[int] = ..., reason: _Optional[str] = ..., model_spec_json: _Optional[str] = ...) -> None: ...
+    dp_json: str
+    enrolled: _containers.RepeatedScalarFieldContainer[str]
+    epsilon_round: float
+    epsilon_spent: float
+    epsilon_budget: float
+    delta: float
+    min_cohort: int
+    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., deadline_unix: _Optional[float] = ..., spec_hash: _Optional[str] = ..., key_id: _Optional[str] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., num_params: _Optional[int] = ..., reason: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ..., epsilon_round: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., min_cohort: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("format_version", "round_id", "client_id", "key_id", "spec_hash", "num_ciphertexts", "num_chunks", "digest")

@@ -42,12 +42,16 @@ def abort(context: grpc.ServicerContext, exc: e.SecAggError) -> None:
     context.abort(code_for(exc), str(exc))
 
 
-def error_from_rpc(err: grpc.RpcError, server: str) -> e.SecAggError:
-    """A secagg error for a failed call, of the class the aggregator raised."""
+def error_from_rpc(err: grpc.RpcError, server: str, hint: str = "") -> e.SecAggError:
+    """A secagg error for a failed call, of the class the aggregator raised.
+
+    ``hint`` replaces the generic advice when the aggregator could not be reached (e.g. a TLS problem).
+    """
     code = err.code()
     detail = err.details() or str(code)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return e.TransportError(f"cannot reach the aggregator at {server} ({detail}); check --server and that it runs")
+        return e.TransportError(f"cannot reach the aggregator at {server} ({detail}); "
+                                f"{hint or 'check --server and that it runs'}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return e.TransportError(f"the aggregator at {server} did not answer in time; try again")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -1,0 +1,305 @@
+"""Authenticated transport: TLS, mutual TLS with per-client certificates, the ``secagg certs`` CA,
+and the refusal to serve other machines without credentials. Real gRPC servers on 127.0.0.1 (port 0)
+with real certificates from ``secagg.certs``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+import secagg
+from secagg.errors import AuthError, KeyFileError, RoundNotFoundError, SecAggError, TransportError
+from secagg.transport.client import AggregatorClient
+
+FLOATS = ("dense/kernel", "dense/bias", "odd", "out/kernel")
+
+
+def flat_average(helpers, tensors, weights):
+    expected = helpers.weighted_average(tensors, weights)
+    return np.concatenate([expected[n].ravel() for n in FLOATS])
+
+
+def test_tls_only_round_trip(keypair, pki, npz_models, helpers, tmp_path, caplog):
+    paths, tensors = npz_models(3)
+    with caplog.at_level(logging.WARNING, logger="secagg.server"):
+        srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state", tls=pki.server_tls(mutual=False))
+    try:
+        # TLS without client certificates protects the channel only, and the log says so.
+        assert any("no client certificates" in r.getMessage() for r in caplog.records)
+        tls = pki.client(None)
+        secagg.create_round(srv.address, "r1", template=paths[0], clients=3, tls=tls)
+        for i, p in enumerate(paths):
+            secagg.submit(srv.address, "r1", keypair.client, f"anyone-{i}", p, float(i + 1), tls=tls)
+        avg = secagg.fetch_average(srv.address, "r1", keypair.client, tls=tls)
+        assert avg.contributions == 3 and avg.clients == ("anyone-0", "anyone-1", "anyone-2")
+        assert np.max(np.abs(avg.vector - flat_average(helpers, tensors, [1.0, 2.0, 3.0]))) < 1e-6
+        # A plaintext client cannot talk to a TLS aggregator, and is told what to give.
+        with pytest.raises(TransportError, match="if it uses TLS, give --tls-ca"):
+            secagg.round_status(srv.address, "r1")
+    finally:
+        srv.stop(0)
+
+
+def test_mutual_tls_round_trip(mtls_server, keypair, pki, npz_models, helpers, tmp_path):
+    paths, tensors = npz_models(3)
+    status = secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3, tls=pki.client("admin"))
+    assert (status.state, status.expected) == ("collecting", 3)
+    weights = [120.0, 37.0, 999.0]
+    with ThreadPoolExecutor(3) as pool:  # each site with its own certificate, concurrently
+        receipts = [f.result() for f in [
+            pool.submit(secagg.submit, mtls_server.address, "r1", keypair.client, f"site{i}", p, w,
+                        tls=pki.client(f"site{i}"))
+            for i, (p, w) in enumerate(zip(paths, weights))]]
+    assert sorted(r.submitted for r in receipts) == [1, 2, 3]
+    s = secagg.round_status(mtls_server.address, "r1", tls=pki.client("site0"))
+    assert (s.state, s.clients) == ("closed", ("site0", "site1", "site2"))
+    out = secagg.fetch(mtls_server.address, "r1", keypair.client, template=paths[0], out=tmp_path / "global.npz",
+                       tls=pki.client("site1"))
+    helpers.assert_close_to_average(secagg.read_model(out), helpers.weighted_average(tensors, weights), atol=1e-6,
+                                    template=tensors[0])
+    avg = secagg.fetch_average(mtls_server.address, "r1", keypair.client, tls=pki.client("site2"))
+    assert np.max(np.abs(avg.vector - flat_average(helpers, tensors, weights))) < 1e-6
+
+
+def test_client_without_certificate_is_refused(mtls_server, keypair, pki, npz_models):
+    paths, _ = npz_models(1)
+    with pytest.raises(TransportError, match="if it requires client certificates, give --tls-cert and --tls-key"):
+        secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3, tls=pki.client(None))
+    with pytest.raises(TransportError, match="if it uses TLS, give --tls-ca"):
+        secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3)
+    with pytest.raises(RoundNotFoundError):
+        secagg.round_status(mtls_server.address, "r1", tls=pki.client("admin"))
+
+
+def test_wrong_ca_is_refused_both_ways(mtls_server, keypair, pki, npz_models, tmp_path):
+    paths, _ = npz_models(1)
+    site0 = pki.certs["site0"]
+    # The client does not trust the aggregator's certificate ...
+    with pytest.raises(TransportError, match="the aggregator's certificate was not issued by --tls-ca"):
+        secagg.round_status(mtls_server.address, "r1", tls=secagg.ClientTLS(pki.other_ca, site0.cert, site0.key))
+    # ... and the aggregator does not accept a client certificate from another CA, even one named site0.
+    foreign = pki.other_certs["site0"]
+    with pytest.raises(TransportError, match="if it refused the client certificate"):
+        secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3,
+                            tls=secagg.ClientTLS(pki.ca, foreign.cert, foreign.key))
+    # An aggregator whose certificate comes from another CA is not trusted by this federation's clients.
+    other = pki.other_certs["server"]
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "other-state",
+                       tls=secagg.ServerTLS(other.cert, other.key, pki.other_ca))
+    try:
+        with pytest.raises(TransportError, match="not issued by --tls-ca"):
+            secagg.round_status(srv.address, "r1", tls=pki.client("site0"))
+    finally:
+        srv.stop(0)
+    with pytest.raises(RoundNotFoundError):
+        secagg.round_status(mtls_server.address, "r1", tls=pki.client("admin"))
+
+
+def test_a_server_certificate_must_name_the_host(keypair, pki, tmp_path):
+    # The development server certificate names localhost and 127.0.0.1: both verify.
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state", tls=pki.server_tls())
+    try:
+        port = srv.address.rsplit(":", 1)[1]
+        for host in ("127.0.0.1", "localhost"):
+            with AggregatorClient(f"{host}:{port}", tls=pki.client("site0")) as c:
+                assert c.server_info().key_id == srv.core.key.key_id
+    finally:
+        srv.stop(0)
+    from secagg import certs
+
+    only_dns = certs.issue(pki.dir, "server-example", server=True, hosts=["aggregator.example.org"])
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state2",
+                       tls=secagg.ServerTLS(only_dns.cert, only_dns.key, pki.ca))
+    try:
+        with pytest.raises(TransportError, match="does not name '127.0.0.1'.*--host 127.0.0.1"):
+            secagg.round_status(srv.address, "r1", tls=pki.client("site0"))
+    finally:
+        srv.stop(0)
+
+
+def test_certs_cli_writes_private_keys_0600_and_never_overwrites(cli, tmp_path):
+    d = tmp_path / "pki"
+    proc = cli("certs", "init", "--dir", str(d))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"cert": str(d / "ca.crt"), "key": str(d / "ca.key")}
+    for args in (("--name", "site1"), ("--name", "boss", "--admin"),
+                 ("--name", "server", "--server", "--host", "agg.example.org", "--host", "10.0.0.7")):
+        proc = cli("certs", "issue", "--dir", str(d), *args)
+        assert proc.returncode == 0, proc.stderr
+    for name in ("ca", "site1", "boss", "server"):
+        assert stat.S_IMODE(os.stat(d / f"{name}.key").st_mode) == 0o600, name
+        assert stat.S_IMODE(os.stat(d / f"{name}.crt").st_mode) == 0o644, name
+    # Names and roles are in the certificates as the aggregator reads them.
+    site1 = x509.load_pem_x509_certificate((d / "site1.crt").read_bytes())
+    boss = x509.load_pem_x509_certificate((d / "boss.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((d / "server.crt").read_bytes())
+    assert site1.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site1"
+    assert not site1.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    assert boss.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "secagg-admin"
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["agg.example.org"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for args, match in ((("init", "--dir", str(d)), "ca.crt already exists"),
+                        (("issue", "--dir", str(d), "--name", "site1"), "site1.crt already exists"),
+                        (("issue", "--dir", str(tmp_path / "none"), "--name", "x"), "run 'secagg certs init"),
+                        (("issue", "--dir", str(d), "--name", "x", "--host", "h"), "add --server"),
+                        (("issue", "--dir", str(d), "--name", "../escape"), "--name '../escape'")):
+        proc = cli("certs", *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and match in lines[0], proc.stderr
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing overwritten, nothing added
+
+
+def test_non_loopback_bind_needs_credentials_or_insecure(keypair, pki, tmp_path, cli, caplog):
+    with pytest.raises(SecAggError, match=r"refusing to listen on 0\.0\.0\.0:0 without TLS.*--tls-ca.*--insecure"):
+        secagg.serve(keypair.server, "0.0.0.0:0", tmp_path / "s1")
+    with pytest.raises(SecAggError, match="with TLS but no client certificates"):
+        secagg.serve(keypair.server, "0.0.0.0:0", tmp_path / "s2", tls=pki.server_tls(mutual=False))
+    proc = cli("serve", "--key", str(keypair.server), "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path / "s3"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "--insecure" in lines[-1] and lines[-1].startswith("secagg: error: refusing")
+    with caplog.at_level(logging.WARNING, logger="secagg.server"):
+        srv = secagg.serve(keypair.server, "0.0.0.0:0", tmp_path / "s4", insecure=True)
+    try:
+        assert any("(--insecure)" in r.getMessage() for r in caplog.records)
+        port = srv.address.rsplit(":", 1)[1]
+        with AggregatorClient(f"127.0.0.1:{port}") as c:
+            assert c.server_info().key_id == srv.core.key.key_id
+    finally:
+        srv.stop(0)
+    srv = secagg.serve(keypair.server, "0.0.0.0:0", tmp_path / "s5", tls=pki.server_tls())  # mutual TLS: allowed
+    srv.stop(0)
+
+
+def test_loopback_without_tls_still_serves_with_a_warning(keypair, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="secagg.server"):
+        srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state")
+    try:
+        assert any("without TLS" in r.getMessage() and "development only" in r.getMessage() for r in caplog.records)
+        with AggregatorClient(srv.address) as c:
+            assert c.server_info().key_id == srv.core.key.key_id
+    finally:
+        srv.stop(0)
+
+
+def test_environment_credentials(mtls_server, pki, npz_models, monkeypatch, cli):
+    paths, _ = npz_models(1)
+    for k, v in pki.env("admin").items():
+        monkeypatch.setenv(k, v)
+    secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3)  # admin, from the environment
+    monkeypatch.setenv("SECAGG_TLS_CERT", str(pki.certs["site0"].cert))
+    monkeypatch.setenv("SECAGG_TLS_KEY", str(pki.certs["site0"].key))
+    with pytest.raises(AuthError, match="certificate 'site0' may not create rounds"):
+        secagg.create_round(mtls_server.address, "r2", template=paths[0], clients=3)
+    # Explicit settings win over the environment.
+    assert secagg.create_round(mtls_server.address, "r3", template=paths[0], clients=3,
+                               tls=pki.client("admin")).round_id == "r3"
+    # The CLI reads the same variables when no --tls-* option is given.
+    proc = cli("round", "status", "--server", mtls_server.address, "--round", "r1", env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["expected"] == 3
+    monkeypatch.delenv("SECAGG_TLS_CA")
+    with pytest.raises(KeyFileError, match="SECAGG_TLS_CA is not"):
+        secagg.round_status(mtls_server.address, "r1")
+
+
+def test_cli_end_to_end_with_mutual_tls(serve_process, keypair, pki, npz_models, tmp_path, cli, helpers):
+    paths, tensors = npz_models(3)
+    srv = serve_process(extra=("--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+                               "--tls-ca", str(pki.ca)))
+
+    def creds(name):
+        return ("--tls-ca", str(pki.ca), "--tls-cert", str(pki.certs[name].cert), "--tls-key", str(pki.certs[name].key))
+
+    at = ("--server", srv.address, "--round", "r1")
+    proc = cli("round", "create", *at, "--clients", "3", "--template", str(paths[0]), *creds("site0"))
+    assert proc.returncode == 1 and "may not create rounds" in proc.stderr
+    proc = cli("round", "create", *at, "--clients", "3", "--template", str(paths[0]), *creds("admin"))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("submit", *at, "--key", str(keypair.client), "--client-id", "site1", "--model", str(paths[0]),
+               *creds("site0"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "certificate is for 'site0'" in lines[0], proc.stderr
+    for i, p in enumerate(paths):
+        proc = cli("submit", *at, "--key", str(keypair.client), "--client-id", f"site{i}", "--model", str(p),
+                   *creds(f"site{i}"))
+        assert proc.returncode == 0, proc.stderr
+    proc = cli("fetch", *at, "--key", str(keypair.client), "--template", str(paths[0]), "--out",
+               str(tmp_path / "g.npz"), *creds("site2"))
+    assert proc.returncode == 0, proc.stderr
+    helpers.assert_close_to_average(secagg.read_model(tmp_path / "g.npz"),
+                                    helpers.weighted_average(tensors, [1.0] * 3), atol=1e-6)
+    proc = cli("round", "status", *at, "--tls-cert", str(pki.certs["site0"].cert))
+    assert proc.returncode == 1 and "--tls-cert and --tls-key need --tls-ca" in proc.stderr
+    # A failed handshake is one line on stderr too, with what to fix (not gRPC's own log lines).
+    proc = cli("round", "status", *at, "--tls-ca", str(pki.other_ca))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "not issued by --tls-ca" in lines[0], proc.stderr
+
+
+def test_bad_credential_files_name_the_option(pki, keypair, tmp_path):
+    site0, site1 = pki.certs["site0"], pki.certs["site1"]
+    with pytest.raises(KeyFileError, match=r"--tls-cert: .*missing\.crt does not exist"):
+        secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "s", tls=secagg.ServerTLS(tmp_path / "missing.crt",
+                                                                                          pki.server.key))
+    with pytest.raises(KeyFileError, match="--tls-key: .* is not the private key of"):
+        secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "s", tls=secagg.ServerTLS(pki.server.cert, site0.key))
+    with pytest.raises(KeyFileError, match="--tls-ca: .* is not a PEM certificate"):
+        secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "s",
+                     tls=secagg.ServerTLS(pki.server.cert, pki.server.key, site0.key))
+    with pytest.raises(KeyFileError, match="--tls-key .*is not the private key"):
+        AggregatorClient("127.0.0.1:1", tls=secagg.ClientTLS(pki.ca, site0.cert, site1.key))
+    with pytest.raises(KeyFileError, match="--tls-cert and --tls-key go together"):
+        secagg.ClientTLS(pki.ca, site0.cert)
+    # The message never quotes the key file.
+    with pytest.raises(KeyFileError) as info:
+        AggregatorClient("127.0.0.1:1", tls=secagg.ClientTLS(pki.ca, site0.cert, site0.cert))
+    assert "BEGIN" not in str(info.value)
+
+
+def test_merge_under_mutual_tls_needs_one_admin_site(mtls_server, keypair, pki, tmp_path):
+    from secagg import certs
+    from secagg.merge.remote import run_protocol
+    from secagg.merge.scaling import shared_scaler
+
+    # site0 coordinates (an admin certificate in its own name); the others may only submit as themselves.
+    for name in ("ca.crt", "ca.key"):  # the same CA, in a directory where site0's name is still free
+        shutil.copy(pki.dir / name, tmp_path / name)
+    lead = certs.issue(tmp_path, "site0", admin=True)
+    tls = [secagg.ClientTLS(pki.ca, lead.cert, lead.key), pki.client("site1"), pki.client("site2")]
+    key = secagg.load_client_key(keypair.client)
+    rng = np.random.default_rng(3)
+    values = [rng.poisson(lam, size=(n, 2)).astype(float) for lam, n in ((20, 300), (200, 500), (900, 410))]
+    results, errors = {}, []
+
+    def site(i: int) -> None:
+        try:
+            if i == 0:  # the admin comes late: the others were refused creating each round and wait for it
+                time.sleep(1.0)
+            results[i] = run_protocol(mtls_server.address, "s1", key, f"site{i}", shared_scaler(values[i], log1p=True),
+                                      3, wait=60, tls=tls[i])
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=site, args=(i,)) for i in (1, 2, 0)]  # the admin starts last
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(results) == [0, 1, 2]
+    pooled = np.log1p(np.concatenate(values))
+    for scaler in results.values():
+        np.testing.assert_allclose(scaler.mean, pooled.mean(axis=0), atol=1e-6)

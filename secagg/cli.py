@@ -153,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--site", nargs=2, action="append", required=True, metavar=("MODEL", "DATA"),
                      help="a site's model file and its DATA.npz (x: samples, timesteps, features; y: targets)")
     sim.add_argument("--seed", type=int, default=0, help="seed for local training and initialization")
+    _dp_options(sim, "client-level DP on every exchange of model weights (methods mean, align, init and "
+                     "fine-tune rounds); epsilon is over all of them")
+    sim.add_argument("--target-epsilon", type=float, metavar="EPS",
+                     help="instead of --noise-multiplier: the smallest noise that keeps the whole run at epsilon <= EPS")
+    sim.add_argument("--min-honest", type=int, metavar="K",
+                     help="distributed DP: contributions assumed honest (default: the number of sites)")
 
     mg = sub.add_parser("merge", help="take part in a merge as one site of a real federation", epilog=EPILOG,
                         description="Run a merge method as this site: every site runs this command with its own "
@@ -216,7 +222,7 @@ def _dp_options(p: argparse.ArgumentParser, title: str) -> None:
                         "for rounds, local for a site's own DP)")
 
 
-def _dp_config(args: argparse.Namespace, min_clients: int | None, default_mode: str):
+def _dp_config(args: argparse.Namespace, min_clients: int | None, default_mode: str, rounds: int = 1):
     """A DPConfig from the DP options, or None if none was given."""
     target = getattr(args, "target_epsilon", None)
     given = [args.clip_norm, args.noise_multiplier, target, args.delta, args.dp_mode, getattr(args, "min_honest", None)]
@@ -231,7 +237,7 @@ def _dp_config(args: argparse.Namespace, min_clients: int | None, default_mode: 
         raise SecAggError("give exactly one of --noise-multiplier and --target-epsilon" if target is not None
                           else "differential privacy needs --noise-multiplier Z (or --target-epsilon on round create)")
     delta = 1e-5 if args.delta is None else args.delta
-    z = args.noise_multiplier if target is None else noise_multiplier_for(target, delta, 1)
+    z = args.noise_multiplier if target is None else noise_multiplier_for(target, delta, rounds)
     k = getattr(args, "min_honest", None) or min_clients or 1
     return DPConfig(args.clip_norm, z, delta, args.dp_mode or default_mode, k).validate()
 
@@ -318,11 +324,19 @@ def _run(args: argparse.Namespace) -> int:
         from secagg.merge.simulate import simulate
 
         _check_rounds(args)
+        dp = None
+        if any(getattr(args, k) is not None for k in ("clip_norm", "noise_multiplier", "target_epsilon", "dp_mode")):
+            from secagg.merge.simulate import dp_exchanges
+
+            releases = dp_exchanges(args.method, args.finetune_rounds, args.init_warmup)
+            dp = _dp_config(args, len(args.site), "distributed", rounds=releases)
         result = simulate(args.method, [tuple(s) for s in args.site], args.out, args.finetune_rounds,
-                          args.finetune_epochs, args.seed, init_epochs=args.init_epochs, init_warmup=args.init_warmup)
+                          args.finetune_epochs, args.seed, init_epochs=args.init_epochs, init_warmup=args.init_warmup,
+                          dp=dp)
         print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
                           "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "wire_bytes": s.wire_bytes}
-                                    for s in result.steps]}))
+                                    for s in result.steps],
+                          "dp": dp.to_dict() if dp else None, "epsilon": result.epsilon}))
     elif args.command == "merge":
         from secagg.merge.remote import run_site
         from secagg.merge.simulate import load_site, write_result

@@ -248,8 +248,8 @@ class Aggregator:
             if config.dp.mode == "distributed" and config.dp.min_honest > config.min_clients:
                 raise PrivacyError(
                     f"distributed DP counts on {config.dp.min_honest} honest contributions, but round "
-                    f"{config.round_id!r} may close with {config.min_clients}; raise --min-clients or lower the "
-                    "assumed honest minimum"
+                    f"{config.round_id!r} may close with {config.min_clients}; raise --min-clients or lower "
+                    "--min-honest"
                 )
         with self._lock:
             if config.round_id in self._rounds:

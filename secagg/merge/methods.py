@@ -90,10 +90,15 @@ class Site:
 # -- building blocks ------------------------------------------------------------------------------
 
 
-def mean(site: Site, net=None, name: str = "mean") -> SiteProtocol:
-    """The sample-weighted average of the sites' weights."""
+def mean(site: Site, net=None, name: str = "mean", reference=None) -> SiteProtocol:
+    """The sample-weighted average of the sites' weights.
+
+    ``reference``: a network every site knows (the round's starting model); under client-level DP
+    each site's update relative to it is what gets clipped and noised.
+    """
     net = site.network if net is None else net
-    average = yield Exchange(name, net.to_tensors(), site.n)
+    ref = None if reference is None else reference.to_tensors()
+    average = yield Exchange(name, net.to_tensors(), site.n, privacy="weights", reference=ref)
     return site.rebuild(average)
 
 
@@ -260,7 +265,7 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
         raise SecAggError("fine-tune rounds need local training, which this model format does not support")
     for r in range(rounds):
         local = site.trainer(net, site.x_train, site.y_train, epochs, r)
-        net = yield from mean(site, local, name=f"finetune{r + 1}")
+        net = yield from mean(site, local, name=f"finetune{r + 1}", reference=net)
     return net
 
 
@@ -388,14 +393,14 @@ def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT
     # so the average is that initialization (even if a framework's seeding differed at one site)
     # and no round ever has a single contributor.
     fresh = site.reinit(site.network, 0)
-    init = yield Exchange("init", fresh.to_tensors(), 1.0)
+    init = yield Exchange("init", fresh.to_tensors(), 1.0, privacy="public")
     start = site.rebuild(init)
     for r in range(warmup_rounds):
         local = site.trainer(start, site.x_train, site.y_train, 1, 100 + r)
-        start = yield from mean(site, local, name=f"init-warmup{r + 1}")
+        start = yield from mean(site, local, name=f"init-warmup{r + 1}", reference=start)
     local = site.trainer(start, site.x_train, site.y_train, epochs, 0)
     site.aligned = local  # this site's own model, in the common basin (for a following regmean/fisher)
-    return (yield from mean(site, local, name="init-mean"))
+    return (yield from mean(site, local, name="init-mean", reference=start))
 
 
 # -- linear algebra helpers -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from secagg.api import create_round, fetch_average, serve, submit
-from secagg.errors import SecAggError
+from secagg.errors import PrivacyError, SecAggError
 from secagg.keys import keygen, load_client_key
 from secagg.packing import unflatten
 
@@ -38,12 +38,19 @@ class Exchange:
     count). ``value_bound`` caps |value| for the round's overflow check: statistics (Gram
     matrices, scores) use larger bounds than weights. Every site contributes to every exchange: a
     round with fewer contributors would let the others read one site's values off the sum.
+
+    ``privacy`` says what the tensors are, for client-level DP (:class:`Federation` with ``dp``):
+    ``"weights"`` (model weights: clipped relative to ``reference``, a model every site knows, and
+    noised), ``"public"`` (independent of any site's data, e.g. a seeded initialization: sent as is)
+    or ``"stats"`` (data statistics such as Gram matrices, which DP does not cover in this version).
     """
 
     name: str
     tensors: Tensors | None
     weight: float = 1.0
     value_bound: float = 100.0
+    privacy: str = "stats"
+    reference: Tensors | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +88,15 @@ def single_threaded_blas():
 class Federation:
     """A real aggregator on 127.0.0.1 with a fresh key, and all sites' clients, in one process."""
 
-    def __init__(self, workdir: str | Path | None = None, max_weight: float = 1e6) -> None:
+    def __init__(self, workdir: str | Path | None = None, max_weight: float = 1e6, dp=None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="secagg-sim-") if workdir is None else None
         self.workdir = Path(workdir or self._tmp.name)
         paths = keygen(self.workdir / "keys")
         self.key = load_client_key(paths.client)
-        self.server = serve(paths.server, "127.0.0.1:0", self.workdir / "state")
+        # A simulation holds every site's model in this one process; the minimum cohort protects
+        # sites from each other, which a simulation does not have, so two sites are allowed here.
+        self.server = serve(paths.server, "127.0.0.1:0", self.workdir / "state", min_cohort=1)
+        self.dp = dp  # secagg.privacy.DPConfig for every "weights" exchange, or None
         self.max_weight = max_weight
         self.steps: list[StepRecord] = []
 
@@ -101,9 +111,23 @@ class Federation:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def average(self, name: str, contributions: list[tuple[str, Tensors, float]], value_bound: float) -> dict[str, np.ndarray]:
-        """One encrypted round: every contribution is encrypted and submitted; the average is decrypted."""
+    def average(self, name: str, contributions: list[tuple[str, Tensors, float]], value_bound: float,
+                privacy: str = "stats", references: list[Tensors | None] | None = None) -> dict[str, np.ndarray]:
+        """One encrypted round: every contribution is encrypted and submitted; the average is decrypted.
+
+        With ``self.dp``, a ``"weights"`` exchange is a DP round: equal weights, every site clips its
+        update relative to its reference and adds its share of the noise before encrypting.
+        """
         import time
+
+        dp = None
+        if self.dp is not None and privacy == "weights":
+            dp = self.dp
+            contributions = [(c, t, 1.0) for c, t, _ in contributions]
+        elif self.dp is not None and privacy != "public":
+            raise PrivacyError(f"exchange {name!r} sends data statistics, which client-level DP does not cover in this "
+                               "version; with DP use the methods mean or init (and fine-tune rounds)")
+        references = references or [None] * len(contributions)
 
         round_id = f"sim{len(self.steps):03d}-{name}"[:64]
         template = contributions[0][1]
@@ -113,10 +137,11 @@ class Federation:
         largest = max(weight for _, _, weight in contributions)
         max_weight = min(self.max_weight, 2.0 ** math.ceil(math.log2(largest))) if largest > 0 else self.max_weight
         create_round(self.server.address, round_id, template=template, clients=len(contributions),
-                     max_weight=max_weight, value_bound=value_bound)
+                     max_weight=max_weight, value_bound=value_bound, dp=dp)
         wire = 0
-        for client_id, tensors, weight in contributions:
-            wire += submit(self.server.address, round_id, self.key, client_id, tensors, weight).wire_bytes
+        for (client_id, tensors, weight), reference in zip(contributions, references):
+            wire += submit(self.server.address, round_id, self.key, client_id, tensors, weight,
+                           dp_reference=reference if dp is not None else None).wire_bytes
         average = fetch_average(self.server.address, round_id, self.key, wait=30)
         result = unflatten(average.spec, average.vector, template)
         self.steps.append(StepRecord(name, round_id, len(contributions), average.spec.num_params, wire,
@@ -146,7 +171,8 @@ class Federation:
             first = exchanges[0][1]
             contributions = [(site, ex.tensors, ex.weight) for site, ex in exchanges]
             bound = max(ex.value_bound for _, ex in exchanges)
-            average = self.average(first.name, contributions, bound)
+            average = self.average(first.name, contributions, bound, first.privacy,
+                                   [ex.reference for _, ex in exchanges])
             nxt: dict[str, Exchange] = {}
             for site, _ in exchanges:
                 try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from secagg.errors import ModelFormatError, SecAggError
+from secagg.errors import ModelFormatError, PrivacyError, SecAggError
 from secagg.merge import training
 from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
 from secagg.merge.protocol import Federation, StepRecord
@@ -32,6 +32,8 @@ class SimulationResult:
     out: Path | None
     steps: list[StepRecord]
     chosen: dict
+    dp: object | None = None  # the DPConfig of every weight exchange, if any
+    epsilon: float | None = None  # client-level epsilon over all DP exchanges (at dp.delta)
 
 
 def load_site_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -59,12 +61,15 @@ def simulate(
     workdir: str | Path | None = None,
     init_epochs: int = INIT_EPOCHS,
     init_warmup: int = INIT_WARMUP_ROUNDS,
+    dp=None,
 ) -> SimulationResult:
     """Merge the sites' models with ``method`` through a real loopback aggregator.
 
     ``sites``: (model file, data npz) per site; all models of one architecture and format.
     Writes the global model to ``out`` (same format as the sites' models) if given.
     ``init_epochs`` and ``init_warmup`` shape ``init`` (:func:`secagg.merge.methods.common_init`).
+    ``dp`` (a :class:`secagg.privacy.DPConfig`): client-level DP on every exchange of model weights
+    (methods mean, align, init and fine-tune rounds; others exchange statistics DP does not cover).
     """
     if len(sites) < 2:
         raise SecAggError("simulate needs at least two --site MODEL DATA pairs")
@@ -74,12 +79,34 @@ def simulate(
         raise ModelFormatError("all sites' models must be of one format (all Keras or all PyTorch)")
     states = [load_site(f"site{i}", model_path, data_path, seed + i) for i, (model_path, data_path) in enumerate(sites)]
     _check_same_architecture(states, model_paths)
-    with Federation(workdir) as federation:
+    exchanges = dp_exchanges(method, finetune_rounds, init_warmup) if dp is not None else 0
+    with Federation(workdir, dp=dp) as federation:
         results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup) for s in states})
         steps = list(federation.steps)
     model, info = results[states[0].name]
     tensors, network, written = write_result(method, model, states[0], model_paths[0], out)
-    return SimulationResult(method, tensors, network, written, steps, info)
+    eps = None
+    if dp is not None:
+        from secagg.privacy.accountant import epsilon
+
+        eps = epsilon([dp.noise_multiplier] * exchanges, dp.delta)
+    return SimulationResult(method, tensors, network, written, steps, info, dp, eps)
+
+
+#: Methods whose every exchange is model weights (or public), so client-level DP covers them.
+DP_METHODS = {"mean": 1, "align": 3, "init": None}
+
+
+def dp_exchanges(method: str, finetune_rounds: int = 0, init_warmup: int = INIT_WARMUP_ROUNDS) -> int:
+    """How many DP releases ``method`` makes (each one a Gaussian mechanism on every site's weights)."""
+    if method not in DP_METHODS:
+        raise PrivacyError(
+            f"client-level DP covers exchanges of model weights; method {method!r} also exchanges data statistics "
+            f"(Gram matrices, features, scores) that this version does not privatize. With DP use one of "
+            f"{', '.join(DP_METHODS)} (plus --finetune-rounds)"
+        )
+    base = init_warmup + 1 if method == "init" else DP_METHODS[method]
+    return base + finetune_rounds
 
 
 def _check_same_architecture(states: list[Site], paths: list[Path]) -> None:

@@ -271,3 +271,35 @@ def test_cli_simulate_errors(cli, tmp_path, keras_sites):
 def test_repair_refuses_gru(gru_sites):
     with pytest.raises(SecAggError, match="'repair' corrects LSTM and Dense units only"):
         simulate("align+repair", gru_sites)
+
+
+# -- client-level DP ---------------------------------------------------------------------------------
+
+
+def test_simulate_with_dp(mh, tmp_path, keras_sites):
+    from secagg.privacy.accountant import epsilon
+    from secagg.privacy.mechanism import DPConfig
+
+    pairs = [s.pair() for s in keras_sites]
+    plain = simulate("mean", pairs, tmp_path / "plain.keras", workdir=tmp_path / "w0")
+    dp = DPConfig(clip_norm=0.5, noise_multiplier=2.0, delta=1e-5, mode="distributed", min_honest=3)
+    noisy = simulate("mean", pairs, tmp_path / "dp.keras", workdir=tmp_path / "w1", dp=dp)
+    assert noisy.epsilon == pytest.approx(epsilon([2.0], 1e-5))
+    # Equal weights, clipped to 0.5, noised with std z*C/3 per coordinate of the mean: far from the plain mean.
+    diff = np.concatenate([(noisy.tensors[k] - plain.tensors[k]).ravel() for k in plain.tensors])
+    assert 0.2 < float(np.std(diff)) < 0.5
+    # init + a fine-tune round: 1 warm-up + 1 final mean + 1 fine-tune = 3 DP releases.
+    result = simulate("init", pairs, tmp_path / "i.keras", workdir=tmp_path / "w2", dp=dp, finetune_rounds=1,
+                      init_epochs=1)
+    assert result.epsilon == pytest.approx(epsilon([2.0] * 3, 1e-5))
+    check_written_keras(mh, result, keras_sites[0].x_val)
+
+
+def test_dp_refuses_methods_that_exchange_statistics(tmp_path, keras_sites):
+    from secagg.errors import PrivacyError
+    from secagg.privacy.mechanism import DPConfig
+
+    dp = DPConfig(1.0, 1.0, 1e-5, "distributed", 3)
+    with pytest.raises(PrivacyError, match="statistics"):
+        simulate("auto", [s.pair() for s in keras_sites], tmp_path / "a.keras", workdir=tmp_path / "w", dp=dp)
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("round.json"))

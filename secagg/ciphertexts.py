@@ -167,6 +167,14 @@ def decrypt(key: ClientKey, blobs: list[bytes], length: int) -> np.ndarray:
 
 def load_ciphertext(key: ServerKey, blob: bytes) -> seal.Ciphertext:
     """Parse one ciphertext and check it fits the federation's parameters."""
+    # SEAL's 16-byte header states the object's total size (uint64, little-endian, at byte 8). SEAL
+    # itself ignores bytes after that, so a blob padded with junk would load, and the junk would be
+    # stored in accepted/ until the round closes: refuse it instead.
+    if len(blob) < 16 or int.from_bytes(blob[8:16], "little") != len(blob):
+        raise CiphertextError(
+            f"ciphertext of {len(blob)} bytes does not match the size in its own header; the update is truncated, "
+            "padded or corrupt: resend it with the secagg client"
+        )
     scratch = _Scratch.path()
     try:
         with open(scratch, "wb") as f:

@@ -302,6 +302,24 @@ def test_corrupt_ciphertext_passing_the_checksum(agg, client_key, models, helper
     check_average(agg, client_key, cfg, ms, weights, helpers)
 
 
+def test_padded_ciphertext_is_refused(agg, client_key, models, helpers):
+    """Junk after a valid ciphertext would load (SEAL ignores it) and be stored: refuse it."""
+    cfg = config()
+    agg.create_round(cfg)
+    ms, weights = models(3), [2.0, 3.0, 7.0]
+    header, chunks = update(client_key, cfg, "site-0", ms[0], weights[0])
+    blobs = [ct for c in chunks for ct in c.ciphertexts]
+    blobs[1] = blobs[1] + b"\x00" * 9000
+    bad_header, bad_chunks = seal_update(header.round_id, header.client_id, header.key_id, header.spec_hash, blobs)
+    with pytest.raises(CiphertextError, match="ciphertext 1 of the update is not valid.*does not match the size"):
+        agg.submit(bad_header, iter(bad_chunks))
+    assert agg.status("r1").submitted == 0
+    agg.submit(header, iter(chunks))
+    submit(agg, client_key, cfg, "site-1", ms[1], weights[1])
+    submit(agg, client_key, cfg, "site-2", ms[2], weights[2])
+    check_average(agg, client_key, cfg, ms, weights, helpers)
+
+
 def test_truncated_stream_loses_nothing(agg, client_key, models, helpers):
     cfg = config(clients=2)
     agg.create_round(cfg)

@@ -28,6 +28,7 @@ from secagg.errors import (
     TransportError,
 )
 from secagg.keys import ClientKey, ServerKey, load_client_key, load_server_key
+from secagg.metrics import Metrics
 from secagg.models import read_model, write_model
 from secagg.packing import ModelSpec, flatten, unflatten
 from secagg.privacy.mechanism import DPConfig, privatize
@@ -71,16 +72,23 @@ class Average:
 
 def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str | os.PathLike,
           min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None, delta: float | None = None,
-          *, tls: ServerTLS | None = None, insecure: bool = False) -> Server:
+          *, tls: ServerTLS | None = None, insecure: bool = False, metrics_port: int | None = None,
+          metrics_host: str | None = None, health_listen: str | None = None) -> Server:
     """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server.
 
     ``tls`` with a ``ca`` is mutual TLS: every client needs a certificate from that CA, a client may
     submit only as its certificate's name, and creating rounds needs an admin certificate. Without
     it nobody's identity is checked, so other addresses than loopback need ``insecure=True``.
+    The gRPC port also answers health checks and reflection. ``metrics_port``: serve Prometheus
+    metrics at ``server.metrics_url`` (0 picks a port). ``health_listen``: a plaintext port with health
+    checks only, for probes without a client certificate.
     """
     key = server_key if isinstance(server_key, ServerKey) else load_server_key(server_key)
-    core = Aggregator(key, state_dir, min_cohort=min_cohort, epsilon_budget=epsilon_budget, delta=delta)
-    return Server(core, listen, tls=tls, insecure=insecure).start()
+    metrics = Metrics()
+    core = Aggregator(key, state_dir, min_cohort=min_cohort, epsilon_budget=epsilon_budget, delta=delta,
+                      observer=metrics)
+    return Server(core, listen, tls=tls, insecure=insecure, metrics=metrics, metrics_port=metrics_port,
+                  metrics_host=metrics_host, health_listen=health_listen).start()
 
 
 def create_round(

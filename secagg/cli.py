@@ -14,14 +14,17 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from secagg.config import add_serve_options
 from secagg.errors import SecAggError
 
 if TYPE_CHECKING:
+    from secagg.config import ServeSettings
+    from secagg.transport.server import Server
     from secagg.transport.tls import ClientTLS, ServerTLS
 
 # The defaults of secagg.merge.methods (INIT_EPOCHS, INIT_WARMUP_ROUNDS), repeated here so that the
 # CLI starts without importing the merge code; tests/merge/test_simulate.py checks they agree.
-INIT_EPOCHS = 10
+INIT_EPOCHS = 5
 INIT_WARMUP_ROUNDS = 1
 
 EPILOG = "Docs: README.md. Errors name the problem and the fix; exit code 1 on any error."
@@ -73,23 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the aggregator", epilog=EPILOG,
                        description="Run the aggregator. It holds no secret key and only adds ciphertexts. State is "
-                                   "durable: after a crash, restart on the same --state-dir and nothing accepted is lost.")
-    s.add_argument("--key", required=True, help="the federation's server.key")
-    s.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to bind (port 0 picks a free port)")
-    s.add_argument("--state-dir", required=True, metavar="DIR", help="directory for rounds and accepted updates")
-    st = s.add_argument_group("TLS", "Without --tls-ca nobody's identity is checked: allowed on a loopback --listen, "
-                                     "elsewhere only with --insecure.")
-    st.add_argument("--tls-cert", metavar="CRT", help="the aggregator's certificate ('secagg certs issue --server')")
-    st.add_argument("--tls-key", metavar="KEY", help="the aggregator's private key")
-    st.add_argument("--tls-ca", metavar="CA_CRT", help="mutual TLS: clients need a certificate from this CA, submit "
-                                                       "only as its name, and need --admin ones to create rounds")
-    st.add_argument("--insecure", action="store_true", help="allow a non-loopback --listen without mutual TLS")
-    s.add_argument("--min-cohort", type=int, default=3, metavar="K",
-                   help="no round may close with fewer than K contributions (default 3: with K contributors, "
-                        "K-1 colluding sites can read the remaining site's update off the sum)")
-    s.add_argument("--epsilon-budget", type=float, metavar="EPS",
-                   help="the federation's privacy budget: DP rounds that would exceed it are refused (kept in --state-dir)")
-    s.add_argument("--delta", type=float, metavar="D", help="the federation's delta for --epsilon-budget (e.g. 1e-5)")
+                                   "durable: after a crash, restart on the same --state-dir and nothing accepted is "
+                                   "lost. Every option may also come from its SECAGG_* variable or a --config file "
+                                   "(flag > variable > file > default); --key, --listen and --state-dir are required "
+                                   "from one of them.")
+    add_serve_options(s)
 
     r = sub.add_parser("round", help="create a round or show its status", epilog=EPILOG)
     rsub = r.add_subparsers(dest="round_command", required=True, metavar="ACTION")
@@ -263,7 +254,7 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     return ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
 
 
-def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
+def _server_tls(args: ServeSettings) -> ServerTLS | None:
     """The aggregator's TLS settings from --tls-cert/--tls-key/--tls-ca; None without them."""
     if args.tls_cert is None and args.tls_key is None:
         if args.tls_ca is not None:
@@ -274,6 +265,38 @@ def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
     from secagg.transport.tls import ServerTLS
 
     return ServerTLS(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """``secagg serve``: settings from flags, SECAGG_* variables and --config, then serve until SIGTERM or ^C."""
+    import os
+
+    import secagg
+    from secagg import config, logs
+
+    settings = config.resolve(vars(args), os.environ)
+    logs.configure(settings.log_format, settings.log_level)
+    server = secagg.serve(settings.key, settings.listen, settings.state_dir, min_cohort=settings.min_cohort,
+                          epsilon_budget=settings.epsilon_budget, delta=settings.delta, tls=_server_tls(settings),
+                          insecure=settings.insecure, metrics_port=settings.metrics_port,
+                          metrics_host=settings.metrics_host, health_listen=settings.health_listen)
+    log = logging.getLogger("secagg.cli")  # only once serving: a failed start prints its one error line alone
+    log.info("settings from %s", ", ".join(f"{name}: {source}" for name, source in settings.sources.items()
+                                            if source != "default"))
+    _announce(server, settings.log_format, log)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(settings.shutdown_grace))
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop(settings.shutdown_grace)
+
+
+def _announce(server: Server, log_format: str, log: logging.Logger) -> None:
+    """The line scripts wait for: ``secagg: serving on ADDRESS`` (in JSON logs, an object with ``address``)."""
+    if log_format == "json":  # every line of stderr stays one JSON object
+        log.info("secagg: serving on %s", server.address, extra={"address": server.address})
+    else:
+        print(f"secagg: serving on {server.address}", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -292,16 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             written = certs.issue(args.dir, args.name, admin=args.admin, server=args.server, hosts=args.host)
         print(json.dumps({"cert": str(written.cert), "key": str(written.key)}))
     elif args.command == "serve":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        server = secagg.serve(args.key, args.listen, args.state_dir, min_cohort=args.min_cohort,
-                              epsilon_budget=args.epsilon_budget, delta=args.delta, tls=_server_tls(args),
-                              insecure=args.insecure)
-        print(f"secagg: serving on {server.address}", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
-        try:
-            server.wait()
-        except KeyboardInterrupt:
-            server.stop()
+        _serve(args)
     elif args.command == "round" and args.round_command == "create":
         dp = _dp_config(args, args.min_clients or args.clients, "distributed")
         enroll = [c.strip() for c in args.enroll.split(",") if c.strip()] if args.enroll else []

@@ -33,7 +33,9 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def check_id(kind: str, value: str) -> str:
     """Round and client ids become file names on the aggregator, so they are restricted."""
-    if not isinstance(value, str) or not _ID.match(value):
+    # fullmatch, not match: "$" also matches before a trailing newline, so "site-1\n" passed as an id
+    # distinct from "site-1" (a second round folder, a second client).
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise EnvelopeError(
             f"invalid {kind} id {value!r}: use 1-64 characters from letters, digits, '.', '_' and '-', "
             "starting with a letter or digit"

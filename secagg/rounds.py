@@ -62,6 +62,24 @@ DEFAULT_VALUE_BOUND = 100.0
 DEFAULT_MIN_COHORT = 3
 
 
+class RoundObserver:
+    """Told about every round's transitions, e.g. to count them (``secagg.metrics``); by default ignores them.
+
+    The core calls it while holding the round's lock, so a method must be quick and must not raise.
+    ``seconds`` is the time since the round was created, None if that is unknown (a round created by
+    an older version).
+    """
+
+    def round_created(self, round_id: str) -> None:
+        """A round was created and is collecting."""
+
+    def round_closed(self, round_id: str, contributions: int, seconds: float | None) -> None:
+        """A round closed: its encrypted sum is final."""
+
+    def round_failed(self, round_id: str, seconds: float | None) -> None:
+        """A round failed: no sum is released."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
     """What a round is: fixed when it is created."""
@@ -170,11 +188,13 @@ class Aggregate:
 class _Round:
     """In-memory state of one round; every field is recoverable from its folder."""
 
-    def __init__(self, key: ServerKey, folder: Path, config: RoundConfig, state: str, reason: str) -> None:
+    def __init__(self, key: ServerKey, folder: Path, config: RoundConfig, state: str, reason: str,
+                 created_unix: float | None = None) -> None:
         self.folder = folder
         self.config = config
         self.state = state
         self.reason = reason
+        self.created_unix = created_unix
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.accepted: dict[str, str] = {}  # client id -> hex digest of its update
@@ -197,15 +217,17 @@ class Aggregator:
     It holds only a :class:`ServerKey`, which cannot decrypt. ``clock`` is injectable so tests of
     deadlines need no sleeping. ``min_cohort``: no round may close with fewer contributions.
     ``epsilon_budget``/``delta``: the federation's privacy budget (persisted in the state dir).
+    ``observer`` is told when rounds are created, close or fail (metrics).
     """
 
     def __init__(self, key: ServerKey, state_dir: str | Path, clock: Callable[[], float] = time.time,
                  min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None,
-                 delta: float | None = None) -> None:
+                 delta: float | None = None, observer: RoundObserver | None = None) -> None:
         if not isinstance(key, ServerKey) or hasattr(key, "secret_key"):
             raise KeyFileError("the aggregator must be given server.key, never the client's secret key")
         self.key = key
         self.clock = clock
+        self.observer = observer or RoundObserver()
         self.state_dir = Path(state_dir)
         self._rounds_dir = self.state_dir / "rounds"
         self._rounds_dir.mkdir(parents=True, exist_ok=True)
@@ -261,10 +283,11 @@ class Aggregator:
             folder.mkdir()
             (folder / "accepted").mkdir()
             (folder / "incoming").mkdir()
-            rnd = _Round(self.key, folder, config, COLLECTING, "")
+            rnd = _Round(self.key, folder, config, COLLECTING, "", created_unix=self.clock())
             self._save_round(rnd)
             self._rounds[config.round_id] = rnd
         log.info("round created", extra={"round": config.round_id, "expected": config.expected_clients})
+        self.observer.round_created(config.round_id)
         return self.status(config.round_id)
 
     @staticmethod
@@ -288,6 +311,11 @@ class Aggregator:
 
     def round_config(self, round_id: str) -> RoundConfig:
         return self._round(round_id).config
+
+    def open_rounds(self) -> int:
+        """How many rounds are collecting updates."""
+        with self._lock:
+            return sum(1 for rnd in self._rounds.values() if rnd.state == COLLECTING)
 
     def tick(self) -> None:
         """Close or fail every round whose deadline has passed (called periodically by the server)."""
@@ -483,6 +511,7 @@ class Aggregator:
         self._save_round(rnd)
         self._drop_updates(rnd)
         log.warning("round failed", extra={"round": cfg.round_id, "reason": rnd.reason})
+        self.observer.round_failed(cfg.round_id, self._age(rnd))
 
     def _close(self, rnd: _Round) -> None:
         clients = tuple(sorted(rnd.accepted))
@@ -505,6 +534,10 @@ class Aggregator:
         self._save_round(rnd)
         self._drop_updates(rnd)
         log.info("round closed", extra={"round": rnd.config.round_id, "contributions": len(clients)})
+        self.observer.round_closed(rnd.config.round_id, len(clients), self._age(rnd))
+
+    def _age(self, rnd: _Round) -> float | None:
+        return None if rnd.created_unix is None else max(0.0, self.clock() - rnd.created_unix)
 
     @staticmethod
     def _drop_updates(rnd: _Round) -> None:
@@ -518,7 +551,8 @@ class Aggregator:
         # of an acknowledged update (reply lost in a crash) is still recognised after a restart.
         data = {"config": rnd.config.to_dict(), "state": rnd.state, "reason": rnd.reason,
                 "clients_at_close": list(rnd.clients_at_close), "aggregate_digest": rnd.aggregate_digest,
-                "accepted_digests": dict(rnd.accepted) if rnd.state != COLLECTING else {}}
+                "accepted_digests": dict(rnd.accepted) if rnd.state != COLLECTING else {},
+                "created_unix": rnd.created_unix}
         store.write_json_atomic(rnd.folder / "round.json", data)
 
     def _check_state_key(self) -> None:
@@ -543,7 +577,8 @@ class Aggregator:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
             meta = store.read_json(meta_path)
-            rnd = _Round(self.key, folder, RoundConfig.from_dict(meta["config"]), meta["state"], meta.get("reason", ""))
+            rnd = _Round(self.key, folder, RoundConfig.from_dict(meta["config"]), meta["state"], meta.get("reason", ""),
+                         meta.get("created_unix"))
             rnd.clients_at_close = tuple(meta.get("clients_at_close", ()))
             rnd.aggregate_digest = meta.get("aggregate_digest", "")
             if rnd.state != COLLECTING:

@@ -1,4 +1,9 @@
-"""The gRPC servicer: translates messages to and from the core (``secagg.rounds.Aggregator``)."""
+"""The gRPC servicer: translates messages to and from the core (``secagg.rounds.Aggregator``).
+
+:class:`Server` also carries the operations surface: gRPC health checking and server reflection on
+the aggregator's port, optionally a plaintext health-only port (``health_listen``) for probes that
+cannot present a client certificate, and Prometheus metrics over HTTP.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from secagg import keys
-from secagg.envelope import MAX_MESSAGE_BYTES, Chunk, Header
-from secagg.errors import EnvelopeError, PrivacyError, SecAggError
+from secagg.envelope import MAX_MESSAGE_BYTES, Chunk, Header, check_id
+from secagg.errors import EnvelopeError, PrivacyError, SecAggError, TransportError
+from secagg.metrics import Metrics, MetricsEndpoint
 from secagg.packing import ModelSpec
 from secagg.privacy.mechanism import DPConfig
 from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus
@@ -27,6 +35,7 @@ from secagg.transport.tls import ServerTLS
 
 log = logging.getLogger("secagg.server")
 MAX_FETCH_WAIT = 30.0
+AGGREGATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name  # "secagg.v1.Aggregator"
 
 
 def status_to_pb(s: RoundStatus, spec: ModelSpec) -> pb.RoundStatus:
@@ -60,9 +69,10 @@ def chunk_from_pb(c: pb.Chunk) -> Chunk:
 class AggregatorServicer(pb_grpc.AggregatorServicer):
     """Every method: check the caller, parse the request, call the core, map :class:`SecAggError` to a status."""
 
-    def __init__(self, core: Aggregator, auth: Authorizer | None = None) -> None:
+    def __init__(self, core: Aggregator, auth: Authorizer | None = None, metrics: Metrics | None = None) -> None:
         self.core = core
         self.auth = auth or Authorizer(enforce=False)
+        self.metrics = metrics or Metrics()
 
     def GetServerInfo(self, request, context):
         try:
@@ -97,35 +107,57 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             abort(context, exc)
 
     def Submit(self, request_iterator, context):
+        ids: dict[str, str] = {}
         try:
             self.auth.caller(context)  # before reading anything of the update
-            first = next(request_iterator, None)
+            messages = self._counted(request_iterator)
+            first = next(messages, None)
             if first is None or first.WhichOneof("kind") != "header":
                 raise EnvelopeError("an update must start with its header; use the secagg client to submit")
             h = first.header
             header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks,
                             h.digest, h.format_version)
+            ids = _log_ids(header)
             # Before any chunk is read: an update claiming another client's id is refused unread.
             self.auth.check_submitter(context, header.client_id)
-            result = self.core.submit(header, self._chunks(request_iterator))
-            return pb.SubmitReply(round_id=result.round_id, client_id=result.client_id, submitted=result.submitted,
-                                  already_accepted=result.already_accepted)
+            result = self.core.submit(header, self._chunks(messages, context))
         except SecAggError as exc:
-            log.info("update refused: %s", exc)
+            self.metrics.refused.labels(self.metrics.reason(exc)).inc()
+            log.info("update refused: %s", exc, extra={**ids, "reason": type(exc).__name__})
             abort(context, exc)
+        except grpc.RpcError:  # the client went away mid-stream
+            self.metrics.refused.labels(TransportError.__name__).inc()
+            raise
+        except Exception:
+            self.metrics.refused.labels("internal").inc()
+            raise
+        (self.metrics.resent if result.already_accepted else self.metrics.accepted).inc()
+        return pb.SubmitReply(round_id=result.round_id, client_id=result.client_id, submitted=result.submitted,
+                              already_accepted=result.already_accepted)
+
+    def _counted(self, messages: Iterator[pb.SubmitMessage]) -> Iterator[pb.SubmitMessage]:
+        for msg in messages:
+            self.metrics.received_bytes.inc(msg.ByteSize())
+            yield msg
 
     @staticmethod
-    def _chunks(messages) -> Iterator[Chunk]:
+    def _chunks(messages, context) -> Iterator[Chunk]:
         for msg in messages:
             if msg.WhichOneof("kind") != "chunk":
                 raise EnvelopeError("a second header arrived inside an update; send one update per call")
             yield chunk_from_pb(msg.chunk)
+        # gRPC ends the request stream quietly at a message it cannot parse (it has already answered
+        # INTERNAL): the chunks before it must not be accepted as a complete update.
+        if not context.is_active():
+            raise EnvelopeError("the update's stream broke off at a message that could not be parsed; resend the "
+                                "whole update with the secagg client")
 
     def FetchAggregate(self, request, context):
         try:
             self.auth.caller(context)
             agg = self.core.aggregate(request.round_id, wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT))
         except SecAggError as exc:
+            self.metrics.fetches_refused.labels(self.metrics.reason(exc)).inc()
             abort(context, exc)
             return
         h = agg.header
@@ -135,6 +167,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         ))
         for chunk in agg.chunks():
             yield pb.AggregateMessage(chunk=chunk_to_pb(chunk))
+        self.metrics.fetches.inc()
+
+
+def _log_ids(header: Header) -> dict[str, str]:
+    """The update's round and client ids for log fields, if they are well-formed (a bad one is in the message)."""
+    ids = {}
+    for field, kind, value in (("round", "round", header.round_id), ("client", "client", header.client_id)):
+        try:
+            ids[field] = check_id(kind, value)
+        except SecAggError:
+            pass
+    return ids
 
 
 class Server:
@@ -142,49 +186,80 @@ class Server:
 
     Without mutual TLS (``tls`` with a ``ca``) nobody's identity is checked, so that is allowed only
     on a loopback address, or anywhere with ``insecure=True``.
+
+    Operations: the gRPC port also serves ``grpc.health.v1.Health`` (overall "" and
+    ``secagg.v1.Aggregator``: SERVING once started, NOT_SERVING from the moment :meth:`stop` begins)
+    and server reflection. ``health_listen`` adds a plaintext port that serves health checks and
+    nothing else, for probes that cannot present a client certificate. ``metrics`` receives the
+    counts (pass the one the core reports to); ``metrics_port`` serves them over HTTP on
+    ``metrics_host`` (default: the host of ``listen``).
     """
 
     def __init__(self, core: Aggregator, listen: str, tls: ServerTLS | None = None, insecure: bool = False,
-                 max_workers: int = 16) -> None:
+                 max_workers: int = 16, *, metrics: Metrics | None = None, metrics_port: int | None = None,
+                 metrics_host: str | None = None, health_listen: str | None = None) -> None:
         self.core = core
         host = listen.rsplit(":", 1)[0]
         exposure = _check_exposure(listen, host, tls, insecure)
         credentials = tls.credentials() if tls is not None else None  # bad files fail here, before binding
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     # Clients ping every 30 s during long streams; allow it.
-                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                     # gRPC sets SO_REUSEPORT by default, so a second aggregator could bind a port
-                     # that one already serves and the kernel would split clients between the two.
-                     ("grpc.so_reuseport", 0)],
-        )
+        self._grpc = _grpc_server(max_workers)
         self.mutual_tls = tls is not None and tls.mutual
-        pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(core, Authorizer(self.mutual_tls)), self._grpc)
-        if _port_taken(listen):
-            raise SecAggError(f"cannot listen on {listen}: the port is taken; stop the other server or pick another port")
-        try:
-            if credentials is None:
-                port = self._grpc.add_insecure_port(listen)
-            else:
-                port = self._grpc.add_secure_port(listen, credentials)
-        except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
-            port = 0
-        if port == 0:
-            raise SecAggError(f"cannot listen on {listen}: the address is invalid or the port is taken")
-        self.address = f"{host}:{port}"
+        self.metrics = metrics or Metrics()
+        self.metrics.count_open_rounds(core.open_rounds)
+        servicer = AggregatorServicer(core, Authorizer(self.mutual_tls), self.metrics)
+        pb_grpc.add_AggregatorServicer_to_server(servicer, self._grpc)
+        # Health answers without a caller check: it tells nothing but up or down.
+        self.health = health.HealthServicer()
+        for service in ("", AGGREGATOR_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((AGGREGATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._grpc)
+        self.address = f"{host}:{_bind(self._grpc, listen, credentials)}"
         self._tls = tls is not None
+        self._health_grpc = None
+        self.health_address: str | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        try:
+            if health_listen is not None:
+                self._health_grpc = _grpc_server(2)
+                health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+                reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), self._health_grpc)
+                port = _bind(self._health_grpc, health_listen, None)
+                self.health_address = f"{health_listen.rsplit(':', 1)[0]}:{port}"
+            if metrics_port is not None:
+                self._metrics_endpoint = MetricsEndpoint(self.metrics, _metrics_host(metrics_host, host), metrics_port)
+        except BaseException:
+            self._grpc.stop(None)
+            if self._health_grpc is not None:
+                self._health_grpc.stop(None)
+            raise
         if exposure:  # only once bound: a server that failed to start warns about nothing
             log.warning("listening on %s %s", self.address, exposure)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="secagg-deadlines", daemon=True)
 
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://host:port/metrics``, or None without a metrics port."""
+        return self._metrics_endpoint.url if self._metrics_endpoint else None
+
     def start(self) -> "Server":
         self._grpc.start()
+        if self._health_grpc is not None:
+            self._health_grpc.start()
         self._ticker.start()
+        # The core recovered its state when it was built: from here on it serves.
+        for service in ("", AGGREGATOR_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         security = "mutual TLS" if self.mutual_tls else "TLS" if self._tls else "no TLS"
-        log.info("aggregator listening on %s (key %s, %s)", self.address, self.core.key.key_id, security)
+        log.info("aggregator listening on %s (key %s, %s)", self.address, self.core.key.key_id, security,
+                 extra={"address": self.address})
+        if self.health_address:
+            log.info("health checks (plaintext, health only) on %s", self.health_address,
+                     extra={"address": self.health_address})
+        if self._metrics_endpoint:
+            log.info("metrics on %s", self._metrics_endpoint.url, extra={"address": self._metrics_endpoint.address})
         return self
 
     def _tick(self) -> None:
@@ -195,13 +270,57 @@ class Server:
                 log.exception("deadline check failed")
 
     def stop(self, grace: float = 1.0) -> None:
-        """Stop serving; in-flight calls get ``grace`` seconds."""
+        """Stop serving; in-flight calls get ``grace`` seconds.
+
+        Health turns NOT_SERVING first (watchers are told); the health-only port keeps answering
+        until the aggregator's port has stopped.
+        """
+        self.health.enter_graceful_shutdown()
         self._stop.set()
         self._grpc.stop(grace).wait()
+        if self._health_grpc is not None:
+            self._health_grpc.stop(0).wait()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
 
     def wait(self) -> None:
         """Block until the server stops."""
         self._grpc.wait_for_termination()
+
+
+def _grpc_server(max_workers: int) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 # Clients ping every 30 s during long streams; allow it.
+                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                 # gRPC sets SO_REUSEPORT by default, so a second aggregator could bind a port
+                 # that one already serves and the kernel would split clients between the two.
+                 ("grpc.so_reuseport", 0)],
+    )
+
+
+def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``listen``; the port bound (port 0 picks one)."""
+    if _port_taken(listen):
+        raise SecAggError(f"cannot listen on {listen}: the port is taken; stop the other server or pick another port")
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        port = 0
+    if port == 0:
+        raise SecAggError(f"cannot listen on {listen}: the address is invalid or the port is taken")
+    return port
+
+
+def _metrics_host(metrics_host: str | None, listen_host: str) -> str:
+    """Where the metrics port binds: as asked, else where the gRPC port does (every address for an empty host)."""
+    host = (metrics_host if metrics_host is not None else listen_host).strip("[]")
+    return host or "0.0.0.0"
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,163 @@
+"""Faults: a SIGKILL of ``secagg serve`` at a random moment of a round with concurrent clients, and
+rounds whose clients drop out before the deadline.
+
+The kill trials are a short version of ``benchmarks/faults.py``: whenever the aggregator dies
+(before any submission, mid-stream, between submissions, after the round closed) and comes back on
+the same port and state dir, every client's ``secagg.submit`` completes, every client is counted
+exactly once, and the average is exact. The delays come from a seeded RNG; nothing asserts a time.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import types
+
+import numpy as np
+import pytest
+
+import secagg
+from secagg.errors import RoundStateError, TransportError
+from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND
+from secagg.transport.client import AggregatorClient
+
+pytestmark = pytest.mark.slow
+
+# 200k parameters: 25 ciphertexts in 2 chunks, so that a kill can land inside a stream.
+LAYOUT = {"w": ((400, 500), "float32"), "b": ((500,), "float32"), "steps": ((), "int64")}
+CLIENTS = 6
+
+
+def _flat(tensors) -> np.ndarray:
+    return np.concatenate([tensors["w"].ravel(), tensors["b"].ravel()])
+
+
+class Client(threading.Thread):
+    """One site calling ``secagg.submit`` once the start event is set."""
+
+    def __init__(self, address: str, round_id: str, key, client_id: str, model, weight: float,
+                 start: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.args = (address, round_id, key, client_id, model, weight)
+        self.start_event = start
+        self.sent_chunks = 0
+        self.receipt = None
+        self.error: Exception | None = None
+        self.restarts = 0
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if stage == "send":
+            self.sent_chunks += 1
+
+    def run(self) -> None:
+        self.start_event.wait()
+        while True:
+            try:
+                self.receipt = secagg.submit(*self.args, progress=self.progress, retry_for=60.0)
+                return
+            except TransportError as exc:
+                # secagg.submit resends its update for 60 s, but its first call (GetRound) is not
+                # retried: a site that starts while the aggregator is down fails before sending
+                # anything, and starting it again is safe.
+                if self.sent_chunks or self.restarts >= 100:
+                    self.error = exc
+                    return
+                self.restarts += 1
+                threading.Event().wait(0.2)
+            except Exception as exc:  # reported by the test
+                self.error = exc
+                return
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sigkill_at_a_random_moment(trial, serve_process, keypair, client_key, tmp_path, helpers):
+    rng = random.Random(20240607 + trial)
+    delay = rng.uniform(0.0, 2.5)  # before, during or after the submissions, depending on the machine
+    weights = [float(rng.randint(1, 100)) for _ in range(CLIENTS)]
+    models = [helpers.random_tensors(np.random.default_rng([trial, i]), LAYOUT) for i in range(CLIENTS)]
+    ids = [f"site-{i}" for i in range(CLIENTS)]
+    state = tmp_path / "state"
+    first = serve_process(state)
+    secagg.create_round(first.address, "r", models[0], clients=CLIENTS)
+    start = threading.Event()
+    clients = [Client(first.address, "r", client_key, cid, m, w, start) for cid, m, w in zip(ids, models, weights)]
+    for c in clients:
+        c.start()
+    start.set()
+    threading.Event().wait(delay)
+    first.kill()
+    assert first.proc.returncode == -9
+    second = serve_process(state, listen=first.address)  # same port, same state dir
+    for c in clients:
+        c.join(240)
+    assert not any(c.is_alive() for c in clients)
+    assert [c.error for c in clients] == [None] * CLIENTS
+
+    receipts = [c.receipt for c in clients]
+    status = secagg.round_status(second.address, "r")
+    assert (status.state, status.submitted, status.clients) == ("closed", CLIENTS, tuple(ids))
+    # Exactly once: each update was accepted by one of the two processes, never by both; a client
+    # whose acknowledgement died with the first process got it from the second (already_accepted).
+    assert helpers.wait_for(lambda: sum(line.count("update accepted") for line in first.log + second.log) >= CLIENTS)
+    assert sum(line.count("update accepted") for line in first.log + second.log) == CLIENTS
+    assert all(r.submitted >= 1 for r in receipts)
+    average = secagg.fetch_average(second.address, "r", client_key)
+    assert average.contributions == CLIENTS and average.clients == tuple(ids)
+    expected = helpers.weighted_average(models, weights)
+    assert np.max(np.abs(average.vector - _flat(expected))) < 1e-6
+    assert abs(average.total_weight - sum(weights)) < 1e-6 * sum(weights)
+
+
+# -- dropouts ---------------------------------------------------------------------------------------
+
+
+ENROLLED = ("site-0", "site-1", "site-2", "site-3", "site-4")
+SMALL = {"w": ((3000,), "float32"), "steps": ((), "int64")}
+
+
+def _presealed(client_key, helpers, round_id: str, models, weights):
+    """Updates sealed before the round exists, so that sending them takes milliseconds, well inside the
+    short deadline even on a busy machine (the bounds are the defaults the round will have)."""
+    like_status = types.SimpleNamespace(round_id=round_id, expected=len(ENROLLED), max_weight=DEFAULT_MAX_WEIGHT,
+                                        value_bound=DEFAULT_VALUE_BOUND)
+    return [helpers.sealed_update(client_key, like_status, cid, m, w)
+            for cid, m, w in zip(ENROLLED, models, weights)]
+
+
+def test_fewer_than_quorum_fails_and_says_who_is_missing(serve_process, client_key, helpers, rng):
+    server = serve_process()
+    models = [helpers.random_tensors(rng, SMALL) for _ in ENROLLED]
+    sealed = _presealed(client_key, helpers, "short", models, [1.0] * 5)
+    secagg.create_round(server.address, "short", models[0], clients=5, min_clients=4, deadline=2.0,
+                        enroll=list(ENROLLED))
+    with AggregatorClient(server.address) as c:
+        for header, chunks in sealed[:2]:
+            c.submit(header, chunks)
+    assert helpers.wait_for(lambda: secagg.round_status(server.address, "short").state != "collecting", timeout=60)
+    status = secagg.round_status(server.address, "short")
+    assert status.state == "failed" and status.clients == ("site-0", "site-1")
+    assert "accepted from: site-0, site-1" in status.reason
+    assert "missing: site-2, site-3, site-4" in status.reason
+    with pytest.raises(RoundStateError, match="failed"):
+        secagg.fetch_average(server.address, "short", client_key)
+    with AggregatorClient(server.address) as c, pytest.raises(RoundStateError, match="failed"):
+        c.submit(*sealed[2])  # a late site is refused
+
+
+def test_above_quorum_closes_at_the_deadline_with_the_survivors(serve_process, client_key, helpers, rng):
+    server = serve_process()
+    models = [helpers.random_tensors(rng, SMALL) for _ in ENROLLED]
+    weights = [5.0, 1.0, 30.0, 2.0, 9.0]
+    sealed = _presealed(client_key, helpers, "survivors", models, weights)
+    secagg.create_round(server.address, "survivors", models[0], clients=5, min_clients=4, deadline=2.0,
+                        enroll=list(ENROLLED))
+    with AggregatorClient(server.address) as c:
+        for header, chunks in sealed[:4]:  # site-4 drops out
+            c.submit(header, chunks)
+    average = secagg.fetch_average(server.address, "survivors", client_key, wait=60)
+    assert average.contributions == 4 and average.clients == ENROLLED[:4]
+    expected = helpers.weighted_average(models[:4], weights[:4])
+    assert np.max(np.abs(average.vector - expected["w"])) < 1e-6
+    assert abs(average.total_weight - sum(weights[:4])) < 1e-6 * sum(weights[:4])
+    status = secagg.round_status(server.address, "survivors")
+    assert (status.state, status.submitted) == ("closed", 4)

@@ -7,11 +7,13 @@ Run from the repository root::
     .venv/bin/python benchmarks/faults.py --trials 50 --seed 7
 
 Every kill trial starts a ``secagg serve`` process on a fresh state dir, creates a round of
-``--clients`` clients (default 6, weights 1..100), starts them all at once (threads, each calling
+``--clients`` clients (default 6, weights 1..100), starts them (threads, each calling
 ``secagg.submit``, which resends the same encrypted bytes for up to 60 s when the aggregator is
-unreachable), SIGKILLs the aggregator after a random delay drawn from [0, 1.25 x the round time of
-an undisturbed calibration round], so that the kill lands before any submission, mid-stream,
-between submissions or after the round closed, restarts it on the same port and state dir, waits
+unreachable; each starts after a random delay in [0, ``--stagger``] s, so that submissions spread
+over the round), SIGKILLs the aggregator after a random delay drawn from [0, 1.25 x the round time
+of an undisturbed calibration round], so that the kill lands before any submission, mid-stream,
+between submissions, while the round closes or after it closed, restarts it on the same port and
+state dir, waits
 for the clients, and checks: every client got a receipt, the round closed with every client
 counted exactly once (status, receipts, and "update accepted" log lines of both processes), and
 the decrypted average equals the float64 weighted average (1e-6).
@@ -127,7 +129,7 @@ class ClientRun:
 
 
 def run_client(address: str, round_id: str, key, run: ClientRun, model, weight: float, counter: AttemptCounter,
-               start: threading.Event) -> None:
+               start: threading.Event, offset: float) -> None:
     import secagg
     from secagg.errors import TransportError
 
@@ -135,6 +137,7 @@ def run_client(address: str, round_id: str, key, run: ClientRun, model, weight: 
         run.state = "sending" if stage == "send" else "encrypting"
 
     start.wait()
+    time.sleep(offset)
     end = time.monotonic() + 60.0
     while True:
         try:
@@ -160,7 +163,7 @@ def run_client(address: str, round_id: str, key, run: ClientRun, model, weight: 
 # one kill trial
 
 
-def run_round(paths, key, tmp: Path, label: str, models, weights, kill_delay: float | None,
+def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[float], kill_delay: float | None,
               counter: AttemptCounter, restart_gap: float) -> dict:
     import secagg
 
@@ -173,13 +176,13 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, kill_delay: fl
     runs = [ClientRun(f"site-{i}") for i in range(len(models))]
     start = threading.Event()
     threads = [threading.Thread(target=run_client, args=(address, round_id, key, r, models[i], weights[i], counter,
-                                                         start), daemon=True)
+                                                         start, offsets[i]), daemon=True)
                for i, r in enumerate(runs)]
     for t in threads:
         t.start()
     t0 = time.monotonic()
     start.set()
-    out: dict = {"label": label, "kill_delay_s": kill_delay}
+    out: dict = {"label": label, "kill_delay_s": kill_delay, "start_offsets_s": offsets}
     second = None
     try:
         if kill_delay is not None:
@@ -192,9 +195,11 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, kill_delay: fl
             out["closed_before_kill"] = "round closed" in first_log
             out["client_states_at_kill"] = {s: states.count(s) for s in sorted(set(states))}
             out["streams_in_flight_at_kill"] = states.count("sending")
+            accepted = out["accepted_before_kill"]
             out["phase"] = ("after close" if out["closed_before_kill"] else
-                            "before any acceptance" if out["accepted_before_kill"] == 0 else
-                            f"mid-round ({out['accepted_before_kill']}/{len(models)} accepted)")
+                            "before any acceptance" if accepted == 0 else
+                            "closing (all accepted, sum not written)" if accepted == len(models) else
+                            f"mid-round ({accepted}/{len(models)} accepted)")
             time.sleep(restart_gap)
             t_restart = time.monotonic()
             second = serve(paths, state, tmp / f"{label}-2.log", listen=address)
@@ -312,10 +317,10 @@ def render(trials: list[dict], calibration: dict, dropouts: list[dict]) -> str:
              "state dir",
              f"calibration round (no kill): {calibration['round_seconds']:.2f} s, "
              f"{'ok' if calibration['passed'] else 'FAILED'}",
-             f"{'#':>3} {'kill s':>7} {'phase':<26} {'in flight':>9} {'retries':>7} {'pre-sub':>7} "
+             f"{'#':>3} {'kill s':>7} {'phase':<40} {'in flight':>9} {'retries':>7} {'pre-sub':>7} "
              f"{'dup ack':>7} {'round s':>7} {'max err':>8}  result"]
     for i, t in enumerate(trials):
-        lines.append(f"{i:>3} {t['killed_at_s']:>7.2f} {t['phase']:<26} {t['streams_in_flight_at_kill']:>9} "
+        lines.append(f"{i:>3} {t['killed_at_s']:>7.2f} {t['phase']:<40} {t['streams_in_flight_at_kill']:>9} "
                      f"{t['retries']:>7} {t['pre_submit_failures']:>7} {t['already_accepted']:>7} "
                      f"{t['round_seconds']:>7.2f} {t['max_abs_error']:>8.1e}  {'pass' if t['passed'] else 'FAIL'}")
     passed = sum(t["passed"] for t in trials)
@@ -356,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "--quick: 100k)")
     p.add_argument("--seed", type=int, default=1, help="seed of the kill delays and models (default 1)")
     p.add_argument("--restart-gap", type=float, default=0.3, help="seconds between the kill and the restart")
+    p.add_argument("--stagger", type=float, default=2.0,
+                   help="each client starts after a random delay in [0, STAGGER] s (default 2; 0: all at once)")
     p.add_argument("--deadline", type=float, default=5.0, help="deadline of the dropout rounds in seconds (default 5)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default benchmarks/results/faults.json)")
     p.add_argument("--quick", action="store_true", help="smoke run")
@@ -380,14 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         weights = [float(rng.randint(1, 100)) for _ in range(args.clients)]
         models = models_for(args.seed, args.clients, n)
         log(f"calibration round: {args.clients} clients, {n:,} params, no kill")
-        calibration = run_round(paths, key, tmp, "calibration", models, weights, None, counter, args.restart_gap)
+        offsets = sorted(rng.uniform(0.0, args.stagger) for _ in range(args.clients))
+        calibration = run_round(paths, key, tmp, "calibration", models, weights, offsets, None, counter,
+                                args.restart_gap)
         window = 1.25 * calibration["round_seconds"]
         results = []
         for i in range(trials):
             delay = rng.uniform(0.0, window)
             trial_models = models_for(args.seed * 1000 + i, args.clients, n)
             trial_weights = [float(rng.randint(1, 100)) for _ in range(args.clients)]
-            res = run_round(paths, key, tmp, f"trial-{i}", trial_models, trial_weights, delay, counter,
+            trial_offsets = sorted(rng.uniform(0.0, args.stagger) for _ in range(args.clients))
+            res = run_round(paths, key, tmp, f"trial-{i}", trial_models, trial_weights, trial_offsets, delay, counter,
                             args.restart_gap)
             res["weights"] = trial_weights
             log(f"trial {i}: kill at {res['killed_at_s']:.2f} s ({res['phase']}, {res['streams_in_flight_at_kill']} "
@@ -408,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
           f"after {os.getloadavg()[0]:.1f}.")
     doc = {
         "meta": {"argv": sys.argv[1:], "trials": trials, "clients": args.clients, "num_params": n, "seed": args.seed,
+                 "stagger_s": args.stagger,
                  "restart_gap_s": args.restart_gap, "kill_window_s": window, "total_seconds": total,
                  "cpu_count": os.cpu_count(), "load_average_before": load_before,
                  "load_average_after": os.getloadavg(), "platform": platform.platform(),

@@ -71,6 +71,32 @@ def clean_sensors(counts: pd.DataFrame, max_missing: float = MAX_MISSING) -> lis
     return [str(c) for c in counts.columns if frac[c] < max_missing]
 
 
+def known_sensor(counts: pd.DataFrame, sensor: str) -> bool:
+    """True if ``sensor`` is a column; otherwise print the choices to stderr (site programs exit 2)."""
+    if sensor in counts.columns:
+        return True
+    import sys
+
+    print(f"unknown sensor {sensor!r}; choose from: {', '.join(counts.columns)}", file=sys.stderr)
+    return False
+
+
+def add_submit_options(p: Any) -> None:
+    """The site programs' optional submit step: --server, --round, --key, --client-id (all or none)."""
+    g = p.add_argument_group("submit to an aggregator (all four or none)")
+    g.add_argument("--server", help="aggregator address host:port")
+    g.add_argument("--round", dest="round_id", help="round id")
+    g.add_argument("--key", type=Path, help="client key file")
+    g.add_argument("--client-id", help="this site's client id")
+
+
+def check_submit_options(p: Any, args: Any) -> None:
+    """Refuse a partial set of the submit options (argparse error, exit 2)."""
+    submit_opts = [args.server, args.round_id, args.key, args.client_id]
+    if any(submit_opts) and not all(submit_opts):
+        p.error("--server, --round, --key and --client-id go together")
+
+
 def sensor_series(counts: pd.DataFrame, sensor: str) -> np.ndarray:
     """One sensor's counts as float64, small gaps filled by linear interpolation."""
     s = counts[sensor].interpolate(method="linear", limit_direction="both")

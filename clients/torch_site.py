@@ -39,15 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=forecast.WINDOW, help="input hours (default 24)")
     p.add_argument("--horizon", type=int, default=forecast.HORIZON, help="hours ahead (default 1)")
     p.add_argument("--max-train", type=int, default=None, help="subsample training windows")
-    g = p.add_argument_group("submit to an aggregator (all four or none)")
-    g.add_argument("--server", help="aggregator address host:port")
-    g.add_argument("--round", dest="round_id", help="round id")
-    g.add_argument("--key", type=Path, help="client key file")
-    g.add_argument("--client-id", help="this site's client id")
+    forecast.add_submit_options(p)
     args = p.parse_args(argv)
-    submit_opts = [args.server, args.round_id, args.key, args.client_id]
-    if any(submit_opts) and not all(submit_opts):
-        p.error("--server, --round, --key and --client-id go together")
+    forecast.check_submit_options(p, args)
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
     return args
@@ -68,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train, save, optionally export the data and submit; print the sample count."""
     args = parse_args(argv)
     counts = forecast.load_counts()
-    if args.sensor not in counts.columns:
-        print(f"unknown sensor {args.sensor!r}; choose from: {', '.join(counts.columns)}",
-              file=sys.stderr)
+    if not forecast.known_sensor(counts, args.sensor):
         return 2
     data = forecast.prepare_site(counts, args.sensor, window=args.window, horizon=args.horizon,
                                  max_train=args.max_train, seed=args.seed)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from secagg import config
-
-yaml = pytest.importorskip("yaml")
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 STATE_DIR = "/var/lib/secagg"
@@ -26,6 +26,7 @@ STATE_DIR = "/var/lib/secagg"
 def _load_rootfs():
     spec = importlib.util.spec_from_file_location("deploy_rootfs", DEPLOY / "rootfs.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
 

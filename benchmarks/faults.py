@@ -243,6 +243,7 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[
         "failed_attempts": sum(len(v) for v in counter.failures.values()),
         "failure_kinds": sorted({k for v in counter.failures.values() for k in v}),
         "pre_submit_failures": sum(r.pre_submit_failures for r in runs),
+        "clients_with_pre_submit_failures": sum(r.pre_submit_failures > 0 for r in runs),
         "client_errors": errors,
         "max_abs_error": err,
         "total_weight_rel_error": weight_err,
@@ -334,7 +335,9 @@ def render(trials: list[dict], calibration: dict, dropouts: list[dict]) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(phases.items())),
         f"retries (resent Submit calls): total {sum(t['retries'] for t in trials)}, median per trial "
         f"{statistics.median(t['retries'] for t in trials):.0f}; pre-submit failures (GetRound while down, not retried "
-        f"by secagg.submit) total {sum(t['pre_submit_failures'] for t in trials)}; acknowledgements lost in the crash "
+        f"by secagg.submit) total {sum(t['pre_submit_failures'] for t in trials)} in "
+        f"{sum(t['pre_submit_failures'] > 0 for t in trials)} trial(s), "
+        f"{sum(t['clients_with_pre_submit_failures'] for t in trials)} client(s); acknowledgements lost in the crash "
         f"and re-acknowledged (already_accepted) {sum(t['already_accepted'] for t in trials)}",
         f"max |average - float64 weighted average| over all trials: {max(errs) if errs else float('nan'):.1e}; "
         f"round time median {statistics.median(t['round_seconds'] for t in trials):.2f} s "
@@ -364,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagger", type=float, default=2.0,
                    help="each client starts after a random delay in [0, STAGGER] s (default 2; 0: all at once)")
     p.add_argument("--deadline", type=float, default=5.0, help="deadline of the dropout rounds in seconds (default 5)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default benchmarks/results/faults.json)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="JSON results (default benchmarks/results/faults.json)")
     p.add_argument("--quick", action="store_true", help="smoke run")
     args = p.parse_args(argv)
     trials = args.trials or (3 if args.quick else 20)
@@ -400,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             res = run_round(paths, key, tmp, f"trial-{i}", trial_models, trial_weights, trial_offsets, delay, counter,
                             args.restart_gap)
             res["weights"] = trial_weights
+            verdict = "pass" if res["passed"] else f"FAIL {res['client_errors']}"
             log(f"trial {i}: kill at {res['killed_at_s']:.2f} s ({res['phase']}, {res['streams_in_flight_at_kill']} "
-                f"streaming), retries {res['retries']}, {'pass' if res['passed'] else 'FAIL ' + str(res['client_errors'])}")
+                f"streaming), retries {res['retries']}, {verdict}")
             results.append(res)
         min_clients = args.clients - 2  # quorum: 2 survivors fail it, clients - 1 survivors meet it
         log("dropouts")
@@ -427,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             "trials_passed": sum(t["passed"] for t in results), "trials": len(results),
             "retries_total": sum(t["retries"] for t in results),
             "pre_submit_failures_total": sum(t["pre_submit_failures"] for t in results),
+            "trials_with_pre_submit_failures": sum(t["pre_submit_failures"] > 0 for t in results),
+            "clients_with_pre_submit_failures": sum(t["clients_with_pre_submit_failures"] for t in results),
             "already_accepted_total": sum(t["already_accepted"] for t in results),
             "max_abs_error": max((t["max_abs_error"] for t in results), default=None),
             "round_seconds_median": statistics.median(t["round_seconds"] for t in results) if results else None,

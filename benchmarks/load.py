@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wire import ServerProcess, mb, parse_size, proc_cpu_seconds, proc_kb
+from wire import ServerProcess, mb, parse_size, proc_kb
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "load.json"
@@ -72,7 +72,8 @@ def client_id(index: int) -> str:
 
 def payload_bytes(header, chunks) -> int:
     """What ``Receipt.wire_bytes`` counts: ciphertexts, chunk checksums and the header's digest."""
-    return sum(len(ct) for c in chunks for ct in c.ciphertexts) + sum(len(c.sha256) for c in chunks) + len(header.digest)
+    ciphertexts = sum(len(ct) for c in chunks for ct in c.ciphertexts)
+    return ciphertexts + sum(len(c.sha256) for c in chunks) + len(header.digest)
 
 
 # ---------------------------------------------------------------------------------------------

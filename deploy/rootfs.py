@@ -12,6 +12,8 @@ read-only, /var/lib/secagg writable, the TLS material and the federation key mou
 From outside the chroot, this repository's secagg (the client side) runs a real round over mutual
 TLS: keygen, certificates, three sites submit .npz models, fetch, the average checked to 1e-6;
 then the aggregator is killed with SIGKILL, restarted on the same state, and fetched from again.
+Finally every service of deploy/docker-compose.yml runs its own command in the rootfs (folders
+for volumes, loopback for the network), which ends with the demo's own check of the average.
 
 Needs root, debootstrap, util-linux's unshare, and the network to Debian's mirrors and PyPI.
 Run through deploy/verify_rootfs.sh (``make image-rootfs``); ``--help`` for options.
@@ -713,6 +715,108 @@ def verify(image: Stage, workdir: Path) -> dict:
     return report
 
 
+def compose_demo(image: Stage, workdir: Path, compose_file: Path) -> dict:
+    """deploy/docker-compose.yml's services, each in the rootfs as compose would run it: its user,
+    environment, entrypoint and command, its volumes (here: folders) with their :ro, read_only.
+    Stand-ins for what only an engine gives: loopback for the network, /etc/hosts naming the
+    aggregator, the ports of this run instead of 50051/50052."""
+    import yaml
+
+    compose = yaml.safe_load(compose_file.read_text())
+    services = compose["services"]
+    run_dir = workdir / "compose"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    port, health = free_port(), free_port()
+    hosts = run_dir / "hosts"
+    hosts.write_text("127.0.0.1 localhost aggregator\n")
+    volumes = {name: run_dir / "volumes" / name for name in compose["volumes"]}
+    for path in volumes.values():
+        path.mkdir(parents=True)
+    # A new named volume mounted on a directory of the image starts with its owner and mode.
+    for svc in services.values():
+        for mount in svc.get("volumes", []):
+            source, target = mount.split(":")[:2]
+            in_image_dir = image.root / target.lstrip("/")
+            if in_image_dir.is_dir():
+                st = in_image_dir.stat()
+                os.chown(volumes[source], st.st_uid, st.st_gid)
+                volumes[source].chmod(st.st_mode & 0o7777)
+    # Mount points the engine would create in the container's own layer; removed afterwards.
+    made: list[Path] = []
+    if not (image.root / "etc/hosts").exists():
+        (image.root / "etc/hosts").touch()
+        made.append(image.root / "etc/hosts")
+    for svc in services.values():
+        for mount in svc.get("volumes", []):
+            target = image.root / mount.split(":")[1].lstrip("/")
+            if not target.exists():
+                target.mkdir(parents=True)
+                made.append(target)
+
+    def start(name: str, argv: list[str] | None = None) -> subprocess.Popen:
+        svc = services[name]
+        mnt = run_dir / f"root-{name}"
+        mnt.mkdir()
+        q = _quote
+        lines = [f"mount --bind {q(image.root)} {q(mnt)}"]
+        if svc.get("read_only"):
+            lines.append(f"mount -o remount,bind,ro {q(mnt)}")
+        lines += [f"mount -t proc proc {q(mnt)}/proc", f"mount --rbind /dev {q(mnt)}/dev",
+                  f"mount -t tmpfs tmpfs {q(mnt)}/tmp", f"mount --bind {q(hosts)} {q(mnt)}/etc/hosts"]
+        for mount in svc.get("volumes", []):
+            source, target, *mode = mount.split(":")
+            lines.append(f"mount --bind {q(volumes[source])} {q(mnt)}{target}")
+            if mode == ["ro"]:
+                lines.append(f"mount -o remount,bind,ro {q(mnt)}{target}")
+        env = {"HOME": "/", **image.env, **{k: str(v) for k, v in (svc.get("environment") or {}).items()}}
+        if argv is None:
+            script = svc["command"][0].replace("$$", "$").replace("aggregator:50051", f"aggregator:{port}")
+            argv = svc.get("entrypoint", image.entrypoint) + [script]
+        cmd = ["chroot", f"--userspec={svc.get('user', image.user)}", str(mnt), *chroot_env(env), *argv]
+        log = open(run_dir / f"{name}.log", "wb")
+        return in_namespace(lines, cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finish(name: str, proc: subprocess.Popen) -> None:
+        code = proc.wait(timeout=600)
+        if code != 0:
+            raise BuildError(f"compose service {name} exited {code}: {(run_dir / f'{name}.log').read_text()[-2000:]}")
+
+    report: dict = {}
+    aggregator = None
+    try:
+        for name in ("certs", "keygen"):
+            finish(name, start(name))
+        argv = image.entrypoint + image.cmd
+        for option, value in (("--listen", f"127.0.0.1:{port}"), ("--health-listen", f"127.0.0.1:{health}"),
+                              ("--metrics-port", "0")):
+            argv = set_option(argv, option, value)
+        aggregator = start("aggregator", argv)
+        probe = set_option(services["aggregator"]["healthcheck"]["test"][1:], "--server", f"127.0.0.1:{health}")
+        for _ in range(120):  # depends_on: service_healthy
+            done = in_image(image, probe)
+            if done.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise BuildError(f"the compose healthcheck never passed: {done.stdout}{done.stderr}")
+        finish("admin", start("admin"))
+        sites = {name: start(name) for name in services if name.startswith("site")}
+        for name, proc in sites.items():
+            finish(name, proc)
+        finish("check", start("check"))
+        report["check"] = (run_dir / "check.log").read_text().strip()
+    finally:
+        if aggregator is not None:
+            aggregator.send_signal(signal.SIGTERM)
+            report["aggregator_exit"] = aggregator.wait(timeout=60)
+        for path in reversed(made):
+            path.rmdir() if path.is_dir() else path.unlink()
+    report["services"] = sorted(services)
+    return report
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dockerfile", type=Path, default=REPO / "deploy/Dockerfile")
@@ -735,6 +839,7 @@ def main() -> int:
                   "inspect": inspect(image)}
         if not args.build_only:
             report["round"] = verify(image, args.workdir)
+            report["compose"] = compose_demo(image, args.workdir, args.dockerfile.with_name("docker-compose.yml"))
     except BuildError as exc:
         print(f"\nrootfs.py: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -750,6 +855,8 @@ def main() -> int:
               f"settings {r['settings']}; HEALTHCHECK: {r.get('healthcheck', {}).get('output')}; "
               f"round closed, max error {r['max_error']:.3g}, after SIGKILL + restart "
               f"{r['max_error_after_restart']:.3g}; RSS {r['process_after_round']['vm_rss']}")
+    if "compose" in report:
+        print(f"OK: deploy/docker-compose.yml's services in the rootfs: {report['compose']['check']}")
     print(f"report: {args.workdir / 'report.json'}")
     return 0
 

@@ -22,8 +22,8 @@ for tool in unshare chroot; do
     command -v "$tool" >/dev/null || { echo "verify_rootfs.sh: $tool is missing (util-linux, coreutils)" >&2; exit 1; }
 done
 PY=${PY:-.venv/bin/python}
-if [ ! -x "$PY" ] || ! "$PY" -c "import secagg, numpy" 2>/dev/null; then
-    echo "verify_rootfs.sh: $PY cannot import secagg; run 'make install' first" >&2
+if [ ! -x "$PY" ] || ! "$PY" -c "import secagg, numpy, yaml" 2>/dev/null; then
+    echo "verify_rootfs.sh: $PY cannot import secagg, numpy and yaml; run 'make install' first" >&2
     exit 1
 fi
 exec "$PY" deploy/rootfs.py "$@"

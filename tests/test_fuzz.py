@@ -34,7 +34,6 @@ from secagg.errors import SecAggError
 from secagg.packing import ModelSpec
 from secagg.transport import secagg_pb2 as pb
 
-pytestmark = pytest.mark.slow
 
 CALL_TIMEOUT = 20.0  # per call: a hang fails the test as DEADLINE_EXCEEDED
 CLEAN = {

@@ -11,11 +11,9 @@ import multiprocessing
 import threading
 
 import numpy as np
-import pytest
 
 import secagg
 
-pytestmark = pytest.mark.slow
 
 CLIENTS = 24
 PROCESSES = 3

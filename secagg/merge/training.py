@@ -8,6 +8,8 @@ Also writes the pooled linear model as a Keras, PyTorch or npz file.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from pathlib import Path
 
@@ -154,22 +156,49 @@ class Trainer:
         raise ModelFormatError("the Fisher information needs a Keras or PyTorch model file")
 
     def reinit(self, network, seed: int):
-        """A fresh initialization of ``network``'s architecture, the same for every site given one ``seed``."""
-        if self.family == "keras":
-            keras, model, _ = self._keras()
-            keras.utils.set_random_seed(seed)
-            fresh = keras.models.clone_model(model)
-            from secagg.models import keras_files
+        """A fresh initialization of ``network``'s architecture, the same at every site for one ``seed``."""
+        return seeded_init(network, seed)
 
-            variables = keras_files._named_variables(keras, fresh)
-            return network.with_tensors({n: np.asarray(keras.ops.convert_to_numpy(v)) for n, v in variables.items()})
-        if self.family == "torch":
-            import torch
 
-            torch.manual_seed(seed)
-            _, module, own = self._torch_module(network)
-            return self._torch_get(network, module, own)
-        raise ModelFormatError("re-initialization needs a Keras or PyTorch model file")
+def seeded_init(network, seed: int):
+    """A fresh initialization drawn in numpy from ``seed`` alone: identical at every site.
+
+    Keras's own initializers, seeded with ``keras.utils.set_random_seed``, gave *different* values
+    at different sites for the same seed (their random state depends on the model loaded before),
+    and averaging those "common" starts shrank them toward zero. The distributions are Keras's
+    defaults: Glorot-uniform input kernels, orthogonal recurrent kernels, zero biases with the LSTM
+    forget gate at 1 (unit_forget_bias).
+    """
+    from secagg.merge.network import Dense, Recurrent
+
+    rng = np.random.default_rng(seed)
+
+    def glorot(shape):
+        limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+        return rng.uniform(-limit, limit, size=shape)
+
+    def orthogonal(units, cols):
+        q, r = np.linalg.qr(rng.standard_normal((cols, units)))
+        return (q * np.sign(np.diag(r))).T  # (units, cols), orthonormal rows
+
+    fresh = network
+    for i, layer in enumerate(network.layers):
+        if isinstance(layer, Recurrent):
+            units = layer.recurrent_kernel.shape[0]
+            bias = np.zeros_like(layer.bias, dtype=np.float64)
+            if layer.kind == "lstm":
+                f = layer.gate_order.index("f")
+                bias[..., f * units : (f + 1) * units] = 1.0
+            new = dataclasses.replace(
+                layer, kernel=glorot(layer.kernel.shape), recurrent_kernel=orthogonal(units, layer.recurrent_kernel.shape[1]),
+                bias=bias, recurrent_bias=None if layer.recurrent_bias is None else np.zeros_like(layer.recurrent_bias))
+        elif isinstance(layer, Dense):
+            new = dataclasses.replace(layer, kernel=glorot(layer.kernel.shape),
+                                      bias=None if layer.bias is None else np.zeros_like(layer.bias))
+        else:
+            raise ModelFormatError(f"cannot initialize layer {i} ({type(layer).__name__})")
+        fresh = fresh.replace(i, new)
+    return fresh
 
 
 def write_linear(template: Path, kernel: np.ndarray, bias: np.ndarray, input_shape: tuple, out: str | Path) -> Path:

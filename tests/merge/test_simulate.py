@@ -99,6 +99,29 @@ def test_init_starts_every_site_from_one_initialization(mh, simulated, keras_sit
     assert max(float(np.max(np.abs(result.tensors[k] - plain.tensors[k]))) for k in plain.tensors) > 0.05
 
 
+@pytest.mark.parametrize("family", ["keras", "torch"])
+def test_fresh_initialization_is_the_same_at_every_site(family, keras_sites, torch_sites):
+    """Every site draws the common start from the seed alone (Keras's own seeded initializers gave
+    different values at different sites, and their average was a shrunken start)."""
+    sites = keras_sites if family == "keras" else torch_sites
+    loaded = [load_site(f"s{i}", *s.pair(), seed=i) for i, s in enumerate(sites)]
+    fresh = [site.reinit(site.network, 0) for site in loaded]
+    first = fresh[0].to_tensors()
+    for other in fresh[1:]:
+        for name, value in other.to_tensors().items():
+            np.testing.assert_array_equal(value, first[name], err_msg=name)
+    again = loaded[0].reinit(loaded[0].network, 1).to_tensors()
+    assert any(not np.array_equal(again[k], first[k]) for k in first)  # the seed matters
+    own = loaded[0].network.to_tensors()
+    assert any(not np.array_equal(own[k], first[k]) for k in first)  # not the site's model
+    # Keras defaults: LSTM forget-gate bias 1, other biases 0, orthogonal recurrent kernel.
+    lstm = fresh[0].layers[0]
+    units = lstm.recurrent_kernel.shape[0]
+    f = lstm.gate_order.index("f")
+    np.testing.assert_array_equal(lstm.bias[f * units:(f + 1) * units], 1.0)
+    np.testing.assert_allclose(lstm.recurrent_kernel @ lstm.recurrent_kernel.T, np.eye(units), atol=1e-10)
+
+
 def test_init_options(tmp_path, keras_sites):
     from secagg import cli
     from secagg.merge import methods

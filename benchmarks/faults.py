@@ -15,8 +15,10 @@ of an undisturbed calibration round], so that the kill lands before any submissi
 between submissions, while the round closes or after it closed, restarts it on the same port and
 state dir, waits
 for the clients, and checks: every client got a receipt, the round closed with every client
-counted exactly once (status, receipts, and "update accepted" log lines of both processes), and
-the decrypted average equals the float64 weighted average (1e-6).
+counted exactly once (status; the aggregate's contributions, which the client checks against the
+encrypted count slot; receipts; "update accepted" log lines of both processes, of which a kill may
+swallow the line of an update it acknowledged too late to reply), and the decrypted average equals
+the float64 weighted average (1e-6).
 
 To count retries, ``AggregatorClient.submit`` is wrapped in this process (calls and failures are
 counted; behaviour is unchanged). ``secagg.submit`` does not retry its first call (GetRound): a
@@ -250,7 +252,10 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[
     })
     out["passed"] = bool(status.state == "closed" and status.submitted == len(models) and out["clients_match"]
                          and contributions == len(models) and out["aggregate_clients_match"]
-                         and out["log_accepted_lines"] == len(models) and len(receipts) == len(models)
+                         # A kill between an update's durable rename into accepted/ and its log line
+                         # loses the line, never the update; its client then gets already_accepted.
+                         and len(models) - out["already_accepted"] <= out["log_accepted_lines"] <= len(models)
+                         and len(receipts) == len(models)
                          and not errors and err < 1e-6 and weight_err < 1e-6)
     return out
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # The defaults of secagg.merge.methods (INIT_EPOCHS, INIT_WARMUP_ROUNDS), repeated here so that the
 # CLI starts without importing the merge code; tests/merge/test_simulate.py checks they agree.
-INIT_EPOCHS = 5
+INIT_EPOCHS = 10
 INIT_WARMUP_ROUNDS = 1
 
 EPILOG = "Docs: README.md. Errors name the problem and the fix; exit code 1 on any error."

@@ -102,9 +102,14 @@ def test_sigkill_at_a_random_moment(trial, serve_process, keypair, client_key, t
     assert (status.state, status.submitted, status.clients) == ("closed", CLIENTS, tuple(ids))
     # Exactly once: each update was accepted by one of the two processes, never by both; a client
     # whose acknowledgement died with the first process got it from the second (already_accepted).
-    assert helpers.wait_for(lambda: sum(line.count("update accepted") for line in first.log + second.log) >= CLIENTS)
-    assert sum(line.count("update accepted") for line in first.log + second.log) == CLIENTS
-    assert all(r.submitted >= 1 for r in receipts)
+    # Such an update's log line may have died too (the kill came between the durable rename into
+    # accepted/ and the log call), so the lines are between N - (re-acknowledged) and N.
+    resent = sum(r.already_accepted for r in receipts)
+    lines = lambda: sum(line.count("update accepted") for line in first.log + second.log)  # noqa: E731
+    assert helpers.wait_for(lambda: lines() >= CLIENTS - resent)
+    assert CLIENTS - resent <= lines() <= CLIENTS
+    # fetch_average checks the decrypted count slot against the contributions: every update is in
+    # the encrypted sum exactly once.
     average = secagg.fetch_average(second.address, "r", client_key)
     assert average.contributions == CLIENTS and average.clients == tuple(ids)
     expected = helpers.weighted_average(models, weights)

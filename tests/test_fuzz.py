@@ -512,9 +512,10 @@ def test_submit_with_random_fields(fuzz):
 
 # -- Submit: mutated genuine streams --------------------------------------------------------------------
 
-MUTATIONS = ("flip", "cut_message", "drop", "duplicate", "swap", "insert_bytes", "chunk_index", "empty",
-             "header_only", "extra_chunk", "oversize", "reseal_garbage", "reseal_truncated", "reseal_padded",
+MUTATIONS = ("flip", "cut_message", "drop", "duplicate", "swap", "insert_bytes", "trailing_junk", "chunk_index",
+             "empty", "header_only", "extra_chunk", "oversize", "reseal_garbage", "reseal_truncated", "reseal_padded",
              "reseal_header_body", "second_header")
+UNPARSEABLE = st.sampled_from([b"\xff", b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\x80"])
 
 
 def _reseal(update: Update, blobs: list[bytes]) -> list[bytes]:
@@ -545,6 +546,8 @@ def mutated(draw, update: Update) -> tuple[str, list[bytes]]:
         msgs[i], msgs[j] = msgs[j], msgs[i]
     elif op == "insert_bytes":
         msgs.insert(draw(st.integers(0, len(msgs))), draw(st.binary(max_size=100)))
+    elif op == "trailing_junk":  # a complete, genuine update followed by a message protobuf cannot parse
+        msgs.append(draw(UNPARSEABLE))
     elif op == "chunk_index":
         c = pb.SubmitMessage.FromString(msgs[1 + k])
         c.chunk.index = draw(UINT32.filter(lambda x: x != k))
@@ -677,6 +680,20 @@ def test_ids_with_a_trailing_newline_are_refused(fuzz):
     header, chunks = one_per_chunk(dataclasses.replace(update.header, client_id="alpha-site\n"), update.blobs)
     _, err = call_submit(channel, stream(header, chunks))
     assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid client id" in err.details()
+
+
+def test_an_update_followed_by_an_unparseable_message_is_not_counted(fuzz):
+    """Found by this fuzzing, fixed in the servicer: gRPC answers INTERNAL at a message it cannot parse
+    and ends the request stream quietly, so the complete update before it was accepted and counted
+    while its client was told the call failed."""
+    channel = fuzz["channel"]
+    status = secagg.create_round(fuzz["server"].address, "fz-trailing", fuzz["models"][0], clients=1)
+    header, chunks = fuzz["helpers"].sealed_update(fuzz["client_key"], status, "alpha-site", fuzz["models"][0])
+    _, err = call_submit(channel, stream(header, chunks) + [b"\xff\xff\xff"])
+    assert err is not None and err.code() == grpc.StatusCode.INTERNAL and err.details() == GRPC_UNPARSEABLE
+    assert secagg.round_status(fuzz["server"].address, "fz-trailing").submitted == 0
+    reply, err = call_submit(channel, stream(header, chunks))  # the same update, intact, goes in
+    assert err is None and not reply.already_accepted and reply.submitted == 1
 
 
 _DP = {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-5, "mode": "local", "min_honest": 1}

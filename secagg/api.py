@@ -33,7 +33,7 @@ from secagg.models import read_model, write_model
 from secagg.packing import ModelSpec, flatten, unflatten
 from secagg.privacy.mechanism import DPConfig, privatize
 from secagg.release import release
-from secagg.rounds import DEFAULT_MIN_COHORT, Aggregator, RoundStatus
+from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.client import AggregatorClient
 from secagg.transport.server import Server
@@ -72,7 +72,7 @@ class Average:
 
 def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str | os.PathLike,
           min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None, delta: float | None = None,
-          *, tls: ServerTLS | None = None, insecure: bool = False, metrics_port: int | None = None,
+          *, max_params: int = DEFAULT_MAX_PARAMS, tls: ServerTLS | None = None, insecure: bool = False, metrics_port: int | None = None,
           metrics_host: str | None = None, health_listen: str | None = None) -> Server:
     """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server.
 
@@ -85,7 +85,8 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
     """
     key = server_key if isinstance(server_key, ServerKey) else load_server_key(server_key)
     metrics = Metrics()
-    core = Aggregator(key, state_dir, min_cohort=min_cohort, epsilon_budget=epsilon_budget, delta=delta,
+    core = Aggregator(key, state_dir, min_cohort=min_cohort, max_params=max_params, epsilon_budget=epsilon_budget,
+                      delta=delta,
                       observer=metrics)
     return Server(core, listen, tls=tls, insecure=insecure, metrics=metrics, metrics_port=metrics_port,
                   metrics_host=metrics_host, health_listen=health_listen).start()

@@ -277,6 +277,7 @@ def _serve(args: argparse.Namespace) -> None:
     settings = config.resolve(vars(args), os.environ)
     logs.configure(settings.log_format, settings.log_level)
     server = secagg.serve(settings.key, settings.listen, settings.state_dir, min_cohort=settings.min_cohort,
+                          max_params=settings.max_params,
                           epsilon_budget=settings.epsilon_budget, delta=settings.delta, tls=_server_tls(settings),
                           insecure=settings.insecure, metrics_port=settings.metrics_port,
                           metrics_host=settings.metrics_host, health_listen=settings.health_listen)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from secagg.errors import SecAggError
 from secagg.logs import FORMATS, LEVELS
-from secagg.rounds import DEFAULT_MIN_COHORT
+from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT
 
 ENV_PREFIX = "SECAGG_"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -77,6 +77,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("min-cohort", "int", "no round may close with fewer than K contributions (with K contributors, K-1 "
            "colluding sites can read the remaining site's update off the sum)", default=DEFAULT_MIN_COHORT,
            metavar="K"),
+    Option("max-params", "int", "largest model a round may be created for, in parameters (the running sum "
+           "is allocated when the round is created: about 18 bytes per parameter)", default=DEFAULT_MAX_PARAMS,
+           metavar="N"),
     Option("epsilon-budget", "float", "the federation's privacy budget: DP rounds that would exceed it are refused "
            "(kept in --state-dir)", metavar="EPS"),
     Option("delta", "float", "the federation's delta for --epsilon-budget (e.g. 1e-5)", metavar="D"),
@@ -108,6 +111,7 @@ class ServeSettings:
     tls_ca: Path | None
     insecure: bool
     min_cohort: int
+    max_params: int
     epsilon_budget: float | None
     delta: float | None
     metrics_port: int | None

@@ -58,9 +58,16 @@ class ModelSpec:
     def from_json(cls, text: str) -> "ModelSpec":
         try:
             rows = json.loads(text)
-            return cls(tuple(TensorSpec(str(n), tuple(int(d) for d in s), str(dt)) for n, s, dt in rows))
-        except (ValueError, TypeError) as exc:
-            raise ModelFormatError(f"malformed model spec: {exc}") from exc
+            spec = cls(tuple(TensorSpec(str(n), tuple(_dim(d) for d in s), _dtype(dt)) for n, s, dt in rows))
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ModelFormatError(f"malformed model spec: {exc}; send the template through the secagg client") from exc
+        names = [t.name for t in spec.tensors]
+        if len(set(names)) != len(names):
+            raise ModelFormatError("malformed model spec: a tensor name appears twice")
+        if spec.num_params > MAX_SPEC_PARAMS:
+            raise ModelFormatError(f"malformed model spec: {spec.num_params} parameters is beyond any model secagg "
+                                   f"can aggregate ({MAX_SPEC_PARAMS})")
+        return spec
 
     @property
     def hash(self) -> str:
@@ -107,3 +114,28 @@ def unflatten(spec: ModelSpec, vector: np.ndarray, template: Mapping[str, np.nda
         else:
             out[t.name] = np.array(template[t.name], copy=True)
     return out
+
+
+#: No spec can describe more values than this (2^40): beyond it sizes overflow int64 products long
+#: before any aggregator could hold the sum. The aggregator's own, much lower limit is --max-params.
+MAX_SPEC_PARAMS = 2**40
+
+
+def _dim(d) -> int:
+    """A tensor dimension from JSON: a whole number 0 <= d <= 2^40 (no floats, no booleans)."""
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_SPEC_PARAMS:
+        raise ValueError(f"dimension {d!r} is not a whole number between 0 and {MAX_SPEC_PARAMS}")
+    return d
+
+
+def _dtype(dt) -> str:
+    """A dtype name numpy knows (or bfloat16)."""
+    if not isinstance(dt, str):
+        raise ValueError(f"dtype {dt!r} is not a name")
+    if dt == "bfloat16":
+        return dt
+    try:
+        np.dtype(dt)
+    except TypeError as exc:
+        raise ValueError(f"unknown dtype {dt!r}") from exc
+    return dt

@@ -60,6 +60,10 @@ DEFAULT_VALUE_BOUND = 100.0
 #: No sum of fewer contributions is ever released: with K contributors, K-1 colluding sites subtract
 #: their own updates from the sum and read the remaining one (with 2, each reads the other's model).
 DEFAULT_MIN_COHORT = 3
+#: Largest model a round may be created for. The running encrypted sum is allocated when the round
+#: is created (about 18 bytes per parameter: measured 903 MB RSS at 50M), so an unbounded spec from
+#: anyone allowed to create rounds could exhaust memory, and again on every restart.
+DEFAULT_MAX_PARAMS = 100_000_000
 
 
 class RoundObserver:
@@ -221,7 +225,8 @@ class Aggregator:
     """
 
     def __init__(self, key: ServerKey, state_dir: str | Path, clock: Callable[[], float] = time.time,
-                 min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None,
+                 min_cohort: int = DEFAULT_MIN_COHORT, max_params: int = DEFAULT_MAX_PARAMS,
+                 epsilon_budget: float | None = None,
                  delta: float | None = None, observer: RoundObserver | None = None) -> None:
         if not isinstance(key, ServerKey) or hasattr(key, "secret_key"):
             raise KeyFileError("the aggregator must be given server.key, never the client's secret key")
@@ -239,6 +244,7 @@ class Aggregator:
             log.warning("minimum cohort %d is below %d: with K contributors, K-1 colluding sites can read the "
                         "remaining site's update off the sum", min_cohort, DEFAULT_MIN_COHORT)
         self.min_cohort = min_cohort
+        self.max_params = max_params
         self._check_state_key()
         self.ledger = PrivacyLedger(self.state_dir, epsilon_budget, delta)
         self._recover()
@@ -263,6 +269,11 @@ class Aggregator:
             )
         if config.spec.num_params == 0:
             raise SecAggError("the template has no floating-point tensors: there is nothing to aggregate")
+        if config.spec.num_params > self.max_params:
+            raise SecAggError(
+                f"the model has {config.spec.num_params} parameters; this aggregator takes rounds of at most "
+                f"{self.max_params} (secagg serve --max-params)"
+            )
         config.bounds.check()
         self._check_enrolled(config)
         if config.dp is not None:

@@ -500,3 +500,13 @@ def test_state_dir_of_another_key_is_refused(agg, other_keypair):
     with pytest.raises(KeyFileError, match=f"belongs to key {agg.key.key_id}"):
         Aggregator(load_server_key(other_keypair.server), agg.state_dir)
     assert (agg.state_dir / "key_id").read_text().strip() == agg.key.key_id
+
+
+def test_model_larger_than_max_params_is_refused(server_key, tmp_path, clock):
+    small = Aggregator(server_key, tmp_path / "small", clock=clock, min_cohort=1, max_params=1000)
+    cfg = config()
+    assert cfg.spec.num_params > 1000
+    with pytest.raises(SecAggError, match=r"at most 1000 \(secagg serve --max-params\)"):
+        small.create_round(cfg)
+    assert not (tmp_path / "small" / "rounds" / "r1").exists()
+    assert Aggregator(server_key, tmp_path / "big", clock=clock, min_cohort=1).create_round(cfg).state == "collecting"

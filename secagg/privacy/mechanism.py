@@ -37,6 +37,9 @@ import numpy as np
 from secagg.errors import ModelFormatError, PrivacyError
 
 MODES = ("local", "distributed")
+#: Sane range of noise multipliers: the accountant's arithmetic (alpha / (2 z^2)) stays finite.
+MIN_NOISE_MULTIPLIER = 1e-3
+MAX_NOISE_MULTIPLIER = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,11 @@ class DPConfig:
         z = self.noise_multiplier
         if not (isinstance(z, numbers.Real) and z >= 0 and math.isfinite(z)):
             raise PrivacyError(f"--noise-multiplier must be a non-negative number, got {z!r}")
+        if z != 0 and not MIN_NOISE_MULTIPLIER <= z <= MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(
+                f"--noise-multiplier {z!r} is outside [{MIN_NOISE_MULTIPLIER}, {MAX_NOISE_MULTIPLIER}]: below, the "
+                "epsilon is astronomically large (no privacy); above, the noise drowns any model"
+            )
         if z == 0:
             raise PrivacyError(
                 "--noise-multiplier 0 adds no noise, and no noise is not DP; give a positive "

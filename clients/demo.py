@@ -62,13 +62,14 @@ class DemoConfig:
     seed: int = 0
 
 
-QUICK = DemoConfig(n_train=2, n_heldout=1, epochs=1, max_train=512, max_test=256)
+# Three training sensors: the aggregator releases no sum of fewer than 3 contributions.
+QUICK = DemoConfig(n_train=3, n_heldout=1, epochs=1, max_train=512, max_test=256)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny run for tests (2+1 sensors, 1 epoch)")
+    p.add_argument("--quick", action="store_true", help="tiny run for tests (3+1 sensors, 1 epoch)")
     p.add_argument("--report", type=Path, default=Path("demo-report.json"), help="JSON report path")
     p.add_argument("--n-train", type=int, help="training sensors (default 8)")
     p.add_argument("--n-heldout", type=int, help="held-out sensors (default 4)")

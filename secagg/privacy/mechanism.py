@@ -38,7 +38,7 @@ from secagg.errors import ModelFormatError, PrivacyError
 
 MODES = ("local", "distributed")
 #: Sane range of noise multipliers: the accountant's arithmetic (alpha / (2 z^2)) stays finite.
-MIN_NOISE_MULTIPLIER = 1e-3
+MIN_NOISE_MULTIPLIER = 1e-6
 MAX_NOISE_MULTIPLIER = 1e6
 
 

@@ -97,17 +97,20 @@ def test_readout_refits_the_output_layer_of_the_mean(mh, simulated, keras_sites)
     w = mh.pooled_ridge(features, [s.y_train for s in keras_sites])
     net_out = result.network.layers[-1]  # float64, before the cast to the file's float32
     got_w = np.vstack([net_out.kernel, net_out.bias[None]])
-    # LSTM features are nearly collinear (cond(H^T H) ~ 1e5), so the ~1e-10 CKKS noise of the pooled
-    # statistics moves the coefficients by ~1e-7 of their size; the fitted function is exact to 1e-6 and
-    # the coefficients solve the pooled normal equations to 1e-8.
+    # The site receives the pooled statistics as released values (rounded to float32, secagg.release:
+    # never a raw CKKS decryption). LSTM features are nearly collinear (cond(H^T H) ~ 1e5), so that
+    # rounding moves the coefficients by ~1e-6 of their size: the refit solves the normal equations of
+    # the float32-rounded pooled statistics to 1e-7, and its function is within 1e-5 of the exact fit.
     h = mh.with_ones(np.concatenate(features))
     y = np.concatenate([s.y_train for s in keras_sites])
-    assert float(np.max(np.abs(h @ got_w - h @ w))) <= TOL
-    assert float(np.max(np.abs(got_w - w))) <= TOL * float(np.max(np.abs(w)))
     gram, cross = h.T @ h / len(h), h.T @ y / len(h)
-    penalty = np.eye(len(gram)) * 1e-3 * np.trace(gram[:-1, :-1]) / (len(gram) - 1)
+    gram32, cross32 = gram.astype(np.float32).astype(np.float64), cross.astype(np.float32).astype(np.float64)
+    penalty = np.eye(len(gram)) * 1e-3 * np.trace(gram32[:-1, :-1]) / (len(gram) - 1)
     penalty[-1, -1] = 0.0
-    assert float(np.max(np.abs((gram + penalty) @ got_w - cross))) <= 1e-8
+    # (CKKS noise can move an entry across a float32 rounding boundary: one float32 ulp of a statistic,
+    # ~3e-9 here, times coefficients up to ~10.)
+    assert float(np.max(np.abs((gram32 + penalty) @ got_w - cross32))) <= 1e-7
+    assert float(np.max(np.abs(h @ got_w - h @ w))) <= 10 * TOL
     np.testing.assert_allclose(np.vstack([got["out/kernel"], got["out/bias"][None]]), got_w, rtol=1e-6, atol=1e-7)
     plain_w = np.vstack([mean["out/kernel"], mean["out/bias"][None]])
     assert float(np.max(np.abs(h @ w - h @ plain_w))) > 0.1  # the refit changed the function

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-merge proto image image-rootfs clean
+.PHONY: bench-dp install demo test test-fast bench bench-merge proto image image-rootfs clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ bench: install
 
 bench-merge: install
 	$(PY) benchmarks/merge_quality.py
+
+bench-dp: install
+	$(PY) benchmarks/merge_dp.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=secagg/transport --grpc_python_out=secagg/transport \

@@ -148,15 +148,9 @@ def dp_from_torch(model: Any) -> Any:
 
     _check_convention(model.lstm)
     dp = _dp_forecaster_class()(model.lstm.input_size, model.lstm.hidden_size)
-    cell = dp.lstm.l0
     with torch.no_grad():
-        for dst, src in ((cell.ih.weight, model.lstm.weight_ih_l0),
-                         (cell.hh.weight, model.lstm.weight_hh_l0),
-                         (cell.ih.bias, model.lstm.bias_ih_l0),
-                         (cell.hh.bias, model.lstm.bias_hh_l0),
-                         (dp.head.weight, model.head.weight),
-                         (dp.head.bias, model.head.bias)):
-            dst.copy_(src)
+        for plain, private in _paired(model, dp):
+            private.copy_(plain)
     return dp
 
 
@@ -171,17 +165,19 @@ def torch_from_dp(dp: Any) -> Any:
     import torch
 
     _check_convention(dp.lstm)
-    cell = dp.lstm.l0
     model = forecast.build_torch_lstm(0, units=dp.lstm.hidden_size, features=dp.lstm.input_size)
     with torch.no_grad():
-        for dst, src in ((model.lstm.weight_ih_l0, cell.ih.weight),
-                         (model.lstm.weight_hh_l0, cell.hh.weight),
-                         (model.lstm.bias_ih_l0, cell.ih.bias),
-                         (model.lstm.bias_hh_l0, cell.hh.bias),
-                         (model.head.weight, dp.head.weight),
-                         (model.head.bias, dp.head.bias)):
-            dst.copy_(src)
+        for plain, private in _paired(model, dp):
+            plain.copy_(private)
     return model.eval()
+
+
+def _paired(model: Any, dp: Any) -> tuple:
+    """(nn.LSTM forecaster tensor, DP forecaster tensor) pairs, in the convention's order."""
+    cell = dp.lstm.l0
+    return ((model.lstm.weight_ih_l0, cell.ih.weight), (model.lstm.weight_hh_l0, cell.hh.weight),
+            (model.lstm.bias_ih_l0, cell.ih.bias), (model.lstm.bias_hh_l0, cell.hh.bias),
+            (model.head.weight, dp.head.weight), (model.head.bias, dp.head.bias))
 
 
 def build_dp_lstm(seed: int, units: int = 32, features: int = 1) -> Any:
@@ -269,11 +265,9 @@ def train_dp(
 def main(argv: list[str] | None = None) -> int:
     """Train with DP-SGD, convert, check, save, optionally submit; print epsilon and a summary."""
     args = parse_args(argv)
-    counts = forecast.load_counts()
-    if not forecast.known_sensor(counts, args.sensor):
+    data = forecast.site_from_args(args)
+    if data is None:
         return 2
-    data = forecast.prepare_site(counts, args.sensor, window=args.window, horizon=args.horizon,
-                                 max_train=args.max_train, seed=args.seed)
     x, y = data.train_xy()
     xv, yv = forecast.rows_xy(data, forecast.VAL_ROWS, max_n=args.max_val, seed=args.seed)
     import torch

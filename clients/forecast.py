@@ -81,6 +81,16 @@ def known_sensor(counts: pd.DataFrame, sensor: str) -> bool:
     return False
 
 
+def site_from_args(args: Any) -> SiteData | None:
+    """A site program's data from --sensor, --window, --horizon, --max-train, --seed; None (after a
+    message on stderr) for an unknown sensor."""
+    counts = load_counts()
+    if not known_sensor(counts, args.sensor):
+        return None
+    return prepare_site(counts, args.sensor, window=args.window, horizon=args.horizon, max_train=args.max_train,
+                        seed=args.seed)
+
+
 def add_submit_options(p: Any) -> None:
     """The site programs' optional submit step: --server, --round, --key, --client-id (all or none)."""
     g = p.add_argument_group("submit to an aggregator (all four or none)")

@@ -61,11 +61,9 @@ def submit(args: argparse.Namespace, n_samples: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Train, save, optionally export the data and submit; print the sample count."""
     args = parse_args(argv)
-    counts = forecast.load_counts()
-    if not forecast.known_sensor(counts, args.sensor):
+    data = forecast.site_from_args(args)
+    if data is None:
         return 2
-    data = forecast.prepare_site(counts, args.sensor, window=args.window, horizon=args.horizon,
-                                 max_train=args.max_train, seed=args.seed)
     import torch
 
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ bench: install
 	$(PY) benchmarks/wire.py
 
 bench-merge: install
-	$(PY) benchmarks/merge_quality.py
+	$(PY) benchmarks/merge_quality.py --dp 1,4,8
 
 bench-dp: install
 	$(PY) benchmarks/merge_dp.py

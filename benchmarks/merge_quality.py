@@ -334,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="epochs per site, Keras and torch (default 5)")
     p.add_argument("--max-train", type=int, help="training windows per site (default 10000)")
     p.add_argument("--horizon", type=int, help="hours ahead (default 1)")
+    p.add_argument("--dp", metavar="EPS,...", help="also the price of client-level DP at these epsilons, both "
+                   "calibrations (e.g. 1,4,8; benchmarks/merge_dp.py, seed 0), appended to the table")
     p.add_argument("--out-dir", type=Path, default=mc.RESULTS, help="where results go")
     p.add_argument("--cache-dir", type=Path, help="model cache (default OUT_DIR/cache)")
     return p.parse_args(argv)
@@ -477,7 +479,19 @@ def _cpus() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.dp and args.quick:
+        raise SystemExit("--dp runs the full setting (13 sites, 10 epochs); leave out --quick")
+    run(args)
+    if args.dp:
+        # The DP rows retrain every site per row (the noise enters during init's exchanges), so they
+        # run once, seed 0, after the main table: benchmarks/merge_dp.py, appended to the table.
+        import merge_dp
+
+        merge_dp.main(["--epsilons", args.dp, "--out-dir", str(args.out_dir)])
+        table = args.out_dir / ("merge_quality-quick.md" if args.quick else "merge_quality.md")
+        dp_table = (args.out_dir / "merge_dp.md").read_text()
+        table.write_text(table.read_text().rstrip("\n") + "\n\n" + dp_table.replace("# ", "## ", 1))
     return 0
 
 

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-norm", type=float, default=2.0,
                    help="L2 clip of one site's update (measured update norms: warm-up ~0.8, local training ~3-4)")
     p.add_argument("--out-dir", type=Path, default=mc.RESULTS)
+    p.add_argument("--cache-dir", type=Path, help="site-model cache (default OUT_DIR/cache)")
     args = p.parse_args(argv)
 
     from secagg.merge.simulate import dp_exchanges
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = mc.BenchConfig()
     mq.setup_process(True)
     train, held = mc.load_sensors(cfg)
-    cache = mc.Cache(cfg, train, root=args.out_dir / "cache")
+    cache = mc.Cache(cfg, train, root=args.cache_dir or args.out_dir / "cache")
     cache.data_files()
     sensors = [*train, *held]
     releases = dp_exchanges("init")

@@ -488,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         # run once, seed 0, after the main table: benchmarks/merge_dp.py, appended to the table.
         import merge_dp
 
-        merge_dp.main(["--epsilons", args.dp, "--out-dir", str(args.out_dir)])
+        merge_dp.main(["--epsilons", args.dp, "--out-dir", str(args.out_dir),
+                       "--cache-dir", str(args.cache_dir or args.out_dir / "cache")])
         table = args.out_dir / ("merge_quality-quick.md" if args.quick else "merge_quality.md")
         dp_table = (args.out_dir / "merge_dp.md").read_text()
         table.write_text(table.read_text().rstrip("\n") + "\n\n" + dp_table.replace("# ", "## ", 1))

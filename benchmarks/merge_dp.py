@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,13 @@ import merge_quality as mq
 
 
 def run_one(cfg: mc.BenchConfig, cache: mc.Cache, seed: int, sensors, dp, out: Path) -> dict[str, Any]:
-    """One ``init`` run (with ``dp`` or without), scored on every sensor."""
+    """One ``init`` run (with ``dp`` or without), scored on every sensor like the merge table's rows."""
     from secagg.merge.simulate import simulate
 
-    sites = [(str(m), str(d)) for m, d in zip(cache.site_paths(seed, "keras"), cache.data_files())]
-    t0 = time.perf_counter()
-    result = simulate("init", sites, out=out, seed=seed, dp=dp)
-    predict = mc.file_predictor(Path(result.out))
-    scores: dict[str, dict[str, dict[str, float]]] = {"train": {}, "heldout": {}}
-    for s in sensors:
-        scores[s.group][s.name] = mc.score(s, predict(s.test[0]))
-    return {"seconds": time.perf_counter() - t0, "epsilon": result.epsilon, "scores": scores,
+    sites = list(zip(cache.site_paths(seed, "keras"), cache.data_files()))
+    row = mq.Row("dp", "init", "private", "keras", "init")
+    scores, info = mq.secagg_row(simulate, row, sites, out, cfg, seed, sensors, dp=dp)
+    return {"seconds": info["seconds"], "epsilon": info["epsilon"], "scores": scores,
             "dp": dp.to_dict() if dp else None}
 
 

@@ -170,13 +170,14 @@ def load_simulate() -> Callable[..., Any] | None:
 
 
 def secagg_row(simulate: Callable[..., Any], row: Row, sites: Sequence[tuple[Path, Path]],
-               out: Path, cfg: mc.BenchConfig, seed: int, sensors: Sequence[Sensor]
+               out: Path, cfg: mc.BenchConfig, seed: int, sensors: Sequence[Sensor], dp: Any = None
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run one method through the encrypted path, load the written file, score it."""
+    """Run one method through the encrypted path (with client-level ``dp`` if given), load the
+    written file, score it."""
     t0 = time.perf_counter()
     result = simulate(row.method, [(str(m), str(d)) for m, d in sites], out=out,
                       finetune_rounds=row.finetune, finetune_epochs=cfg.finetune_epochs,
-                      seed=seed)
+                      seed=seed, dp=dp)
     seconds = time.perf_counter() - t0
     predict = mc.file_predictor(Path(result.out))
     scores: dict[str, Any] = {"train": {}, "heldout": {}}
@@ -185,7 +186,7 @@ def secagg_row(simulate: Callable[..., Any], row: Row, sites: Sequence[tuple[Pat
     info = {"seconds": seconds,
             "steps": [dataclasses.asdict(st) for st in result.steps],
             "wire_bytes": int(sum(st.wire_bytes for st in result.steps)),
-            "chosen": _jsonable(result.chosen or {}),
+            "chosen": _jsonable(result.chosen or {}), "epsilon": result.epsilon,
             "numpy_vs_framework": _forward_check(result, predict, sensors[0])}
     return scores, info
 

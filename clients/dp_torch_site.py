@@ -44,7 +44,6 @@ import secrets
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,18 +57,11 @@ CONVERSION_TOLERANCE = 1e-5
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sensor", required=True, help="sensor (column) name of the site")
-    p.add_argument("--out", required=True, type=Path, help="where to save the state dict (.pt)")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    p = forecast.site_parser(__doc__, "where to save the state dict (.pt)",
+                             seed_help="seed of initialization, sampling and noise (default: random)")
     p.add_argument("--batch-size", type=int, default=256,
                    help="expected batch size; sampling rate = 1/ceil(samples/batch) (default 256)")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of initialization, sampling and noise (default: random)")
-    p.add_argument("--window", type=int, default=forecast.WINDOW, help="input hours (default 24)")
-    p.add_argument("--horizon", type=int, default=forecast.HORIZON, help="hours ahead (default 1)")
-    p.add_argument("--max-train", type=int, default=None, help="subsample training windows")
     p.add_argument("--max-val", type=int, default=None, help="subsample validation windows")
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch threads (default 1: faster for this small LSTM)")
@@ -315,9 +307,7 @@ def _train_save_submit(args: argparse.Namespace, x: np.ndarray, y: np.ndarray,
     print(f"saved {args.out} (nn.LSTM convention; max |DPLSTM - nn.LSTM| = {max_diff:.2g})")
     print(f"samples={n_samples}")
     if args.server:
-        import torch_site
-
-        torch_site.submit(args, n_samples)
+        forecast.submit_site(args, n_samples)
     summary = {
         "sensor": args.sensor, "samples": n_samples, "epochs": args.epochs,
         "batch_size": args.batch_size, **dataclasses.asdict(report),

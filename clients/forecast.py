@@ -91,6 +91,33 @@ def site_from_args(args: Any) -> SiteData | None:
                         seed=args.seed)
 
 
+def site_parser(doc: str | None, out_help: str, seed_help: str = "initialization seed (default: random)") -> Any:
+    """The options every site program shares: --sensor, --out, --epochs, --seed, --window, --horizon,
+    --max-train. Programs add their own, then :func:`add_submit_options`."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sensor", required=True, help="sensor (column) name of the site")
+    p.add_argument("--out", required=True, type=Path, help=out_help)
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
+    p.add_argument("--window", type=int, default=WINDOW, help="input hours (default 24)")
+    p.add_argument("--horizon", type=int, default=HORIZON, help="hours ahead (default 1)")
+    p.add_argument("--max-train", type=int, default=None, help="subsample training windows")
+    return p
+
+
+def submit_site(args: Any, n_samples: int) -> None:
+    """Encrypt and submit the saved model (``args.out``), weighted by the sample count; print the receipt."""
+    import secagg
+
+    r = secagg.submit(args.server, args.round_id, key=args.key, client_id=args.client_id, model=args.out,
+                      weight=float(n_samples))
+    print(f"submitted to {args.server} round {args.round_id!r} as {args.client_id!r}: "
+          f"{r.wire_bytes} bytes for {r.num_params} params ({r.wire_bytes / max(r.num_params, 1):.1f} bytes/param), "
+          f"encrypt {r.encrypt_seconds:.2f}s, send {r.send_seconds:.2f}s")
+
+
 def add_submit_options(p: Any) -> None:
     """The site programs' optional submit step: --server, --round, --key, --client-id (all or none)."""
     g = p.add_argument_group("submit to an aggregator (all four or none)")

@@ -30,32 +30,14 @@ import forecast
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sensor", required=True, help="sensor (column) name of the site")
-    p.add_argument("--out", required=True, type=Path, help="where to save the state dict (.pt)")
+    p = forecast.site_parser(__doc__, "where to save the state dict (.pt)")
     p.add_argument("--data-out", type=Path, help="also export the training windows (.npz)")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
-    p.add_argument("--seed", type=int, default=None, help="initialization seed (default: random)")
-    p.add_argument("--window", type=int, default=forecast.WINDOW, help="input hours (default 24)")
-    p.add_argument("--horizon", type=int, default=forecast.HORIZON, help="hours ahead (default 1)")
-    p.add_argument("--max-train", type=int, default=None, help="subsample training windows")
     forecast.add_submit_options(p)
     args = p.parse_args(argv)
     forecast.check_submit_options(p, args)
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
     return args
-
-
-def submit(args: argparse.Namespace, n_samples: int) -> None:
-    """Encrypt and submit the saved state dict, weighted by the sample count."""
-    import secagg
-
-    r = secagg.submit(args.server, args.round_id, key=args.key, client_id=args.client_id,
-                      model=args.out, weight=float(n_samples))
-    print(f"submitted to {args.server} round {args.round_id!r} as {args.client_id!r}: "
-          f"{r.wire_bytes} bytes for {r.num_params} params, encrypt {r.encrypt_seconds:.2f}s, "
-          f"send {r.send_seconds:.2f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data {args.data_out}")
     print(f"samples={n_samples}")
     if args.server:
-        submit(args, n_samples)
+        forecast.submit_site(args, n_samples)
     return 0
 
 

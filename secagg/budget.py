@@ -19,6 +19,7 @@ from pathlib import Path
 
 from secagg import store
 from secagg.errors import PrivacyBudgetError, PrivacyError
+from secagg.privacy.accountant import check_delta, epsilon, noise_multiplier_for
 
 LEDGER_FILE = "privacy.json"
 
@@ -48,7 +49,7 @@ class PrivacyLedger:
                 )
             self.epsilon_budget = float(epsilon_budget)
         if delta is not None:
-            _check_delta(delta)
+            check_delta(delta)
             if self.delta is not None and float(self.delta) != float(delta):
                 raise PrivacyError(
                     f"this state dir's federation already uses delta={self.delta}; --delta {delta} differs. "
@@ -61,16 +62,12 @@ class PrivacyLedger:
 
     def spent(self) -> float:
         """Epsilon of all DP rounds so far, at the federation's delta (0 without any)."""
-        from secagg.privacy.accountant import epsilon
-
         if not self.rounds or self.delta is None:
             return 0.0
         return epsilon(list(self.rounds.values()), self.delta)
 
     def round_epsilon(self, round_id: str) -> float:
         """Epsilon of one round alone (0 if it has no DP)."""
-        from secagg.privacy.accountant import epsilon
-
         z = self.rounds.get(round_id)
         return 0.0 if z is None or self.delta is None else epsilon([z], self.delta)
 
@@ -80,8 +77,6 @@ class PrivacyLedger:
         Refuses (and records nothing) if the round's delta is not the federation's or if the
         composed epsilon would exceed the budget.
         """
-        from secagg.privacy.accountant import epsilon, noise_multiplier_for
-
         with self._lock:
             if self.delta is not None and float(delta) != float(self.delta):
                 raise PrivacyError(
@@ -109,7 +104,3 @@ class PrivacyLedger:
         data = {"epsilon_budget": self.epsilon_budget, "delta": self.delta, "rounds": self.rounds}
         store.write_json_atomic(self.path, data)
 
-
-def _check_delta(delta: float) -> None:
-    if not 0 < delta < 1:
-        raise PrivacyError(f"--delta must be between 0 and 1 (e.g. 1e-5), got {delta}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -102,7 +101,11 @@ def mean(site: Site, net=None, name: str = "mean", reference=None) -> SiteProtoc
     return site.rebuild(average)
 
 
-def align(site: Site, iterations: int = 2, reference=None) -> SiteProtocol:
+#: Matching rounds of ``align`` after its first average (one weight exchange each).
+ALIGN_ITERATIONS = 2
+
+
+def align(site: Site, iterations: int = ALIGN_ITERATIONS, reference=None) -> SiteProtocol:
     """Iterated activation matching against the latest global model, then averaging.
 
     Without a ``reference`` (a model every site may see), round 0's plain average is the first one.
@@ -123,8 +126,6 @@ def align(site: Site, iterations: int = 2, reference=None) -> SiteProtocol:
 
 def regmean(site: Site, net=None, alpha: float = 0.9, name: str = "regmean") -> SiteProtocol:
     """RegMean over encrypted sums of Gram matrices, for every layer of ``net`` (this site's, aligned)."""
-    from secagg.merge.network import Dense, Recurrent
-
     net = site.network if net is None else net
     # Every window contributes one row per time step, so a matching-size sample already gives
     # tens of thousands of rows for Gram matrices of a few dozen columns.

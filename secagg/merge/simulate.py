@@ -9,7 +9,6 @@ model, its own data and the decrypted averages.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from secagg.errors import ModelFormatError, PrivacyError, SecAggError
 from secagg.merge import training
-from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
+from secagg.merge.methods import ALIGN_ITERATIONS, INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
 from secagg.merge.protocol import Federation, StepRecord
 from secagg.models import write_model
 
@@ -93,8 +92,9 @@ def simulate(
     return SimulationResult(method, tensors, network, written, steps, info, dp, eps)
 
 
-#: Methods whose every exchange is model weights (or public), so client-level DP covers them.
-DP_METHODS = {"mean": 1, "align": 3, "init": None}
+#: Methods whose every exchange is model weights (or public), so client-level DP covers them, and
+#: their number of weight exchanges (init's depends on its warm-up rounds).
+DP_METHODS = {"mean": 1, "align": ALIGN_ITERATIONS + 1, "init": None}
 
 
 def dp_exchanges(method: str, finetune_rounds: int = 0, init_warmup: int = INIT_WARMUP_ROUNDS) -> int:

@@ -27,7 +27,7 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] 
 ACCOUNTANTS = ("rdp", "prv")
 
 
-def _check_delta(delta: float) -> None:
+def check_delta(delta: float) -> None:
     if not (0.0 < delta < 1.0):
         raise PrivacyError(f"--delta must be between 0 and 1 (exclusive), got {delta}; 1e-5 or less is usual")
 
@@ -46,7 +46,7 @@ def epsilon(noise_multipliers: Sequence[float], delta: float, orders: Sequence[f
     RDP of the composition at order a is ``sum_i a / (2 z_i^2)``; the conversion to (epsilon, delta)
     is opacus's (Balle et al. 2020, Thm 21), minimised over ``orders``. No rounds spend nothing: 0.0.
     """
-    _check_delta(delta)
+    check_delta(delta)
     _check_noise(noise_multipliers)
     if len(noise_multipliers) == 0:
         return 0.0
@@ -63,7 +63,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, rounds: int = 1, s
     relative precision 1e-4 and rounded up to 5 significant digits; it always satisfies
     ``epsilon([*spent, *[z] * rounds], delta) <= target_epsilon``.
     """
-    _check_delta(delta)
+    check_delta(delta)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise PrivacyError(f"--target-epsilon must be a positive number, got {target_epsilon}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -112,7 +112,7 @@ def opacus_epsilon(noise_multipliers: Sequence[float], delta: float, accountant:
 
     One accountant step per round at sample rate 1.0. Needs opacus (``pip install 'secagg[dp]'``).
     """
-    _check_delta(delta)
+    check_delta(delta)
     _check_noise(noise_multipliers)
     if accountant not in ACCOUNTANTS:
         raise PrivacyError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
@@ -156,7 +156,7 @@ def analytic_gaussian_epsilon(noise_multiplier: float, delta: float, rounds: int
     privacy curve is known in closed form (Balle & Wang 2018, Thm 8); epsilon is found by bisection
     and returned rounded up (relative 1e-12).
     """
-    _check_delta(delta)
+    check_delta(delta)
     _check_noise([noise_multiplier])
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PrivacyError(f"rounds must be a whole number >= 1, got {rounds!r}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from secagg.merge import apply_permutations, load_network, permutable_layers
+from secagg.merge import apply_permutations, load_network
 from secagg.models import write_model
+
+from .test_align import random_perms
 
 TOL = 1e-6
 
@@ -147,18 +149,6 @@ def test_auto_scores_and_choice(mh, simulated, keras_sites):
 # -- alignment -------------------------------------------------------------------------------------
 
 
-def random_perms(net, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    perms = []
-    for index in permutable_layers(net):
-        units = net.layers[index].units
-        perm = rng.permutation(units)
-        while np.array_equal(perm, np.arange(units)):
-            perm = rng.permutation(units)
-        perms.append(perm)
-    return perms
-
-
 @pytest.fixture(scope="module")
 def permuted_copies(tmp_path_factory, keras_sites, torch_sites):
     """Per framework: the original model file and three sites holding it with different unit orders."""
@@ -222,7 +212,7 @@ def test_repair_restores_the_sites_unit_statistics(mh, simulated, keras_sites):
     for s in keras_sites:
         site = Site("s", load_network(s.model), s.x, s.y, rebuild=lambda t: None)
         x = site.match_sample()
-        from secagg.merge.align import apply_permutations, match_activations
+        from secagg.merge.align import match_activations
 
         own = apply_permutations(site.network, match_activations(merged, site.network, x))
         h_own = own.hidden_states(x)[0].reshape(-1, mh.UNITS)

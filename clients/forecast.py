@@ -107,6 +107,18 @@ def site_parser(doc: str | None, out_help: str, seed_help: str = "initialization
     return p
 
 
+def parse_site_args(p: Any, argv: Sequence[str] | None) -> Any:
+    """Add the submit options to a :func:`site_parser` parser, parse, check, and draw a seed if none was given."""
+    import secrets
+
+    add_submit_options(p)
+    args = p.parse_args(argv)
+    check_submit_options(p, args)
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+    return args
+
+
 def submit_site(args: Any, n_samples: int) -> None:
     """Encrypt and submit the saved model (``args.out``), weighted by the sample count; print the receipt."""
     import secagg

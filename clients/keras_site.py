@@ -17,7 +17,6 @@ would.
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 import time
 
@@ -27,12 +26,7 @@ import forecast
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = forecast.site_parser(__doc__, "where to save the model (.keras)")
-    forecast.add_submit_options(p)
-    args = p.parse_args(argv)
-    forecast.check_submit_options(p, args)
-    if args.seed is None:
-        args.seed = secrets.randbelow(2**31)
-    return args
+    return forecast.parse_site_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ the model starts from a fresh random initialization, as an independent user's wo
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = forecast.site_parser(__doc__, "where to save the state dict (.pt)")
     p.add_argument("--data-out", type=Path, help="also export the training windows (.npz)")
-    forecast.add_submit_options(p)
-    args = p.parse_args(argv)
-    forecast.check_submit_options(p, args)
-    if args.seed is None:
-        args.seed = secrets.randbelow(2**31)
-    return args
+    return forecast.parse_site_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

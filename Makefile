@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-dp install demo test test-fast bench bench-merge proto image image-rootfs clean
+.PHONY: bench-dp bench-new-site install demo test test-fast bench bench-merge proto image image-rootfs clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench-merge: install
 
 bench-dp: install
 	$(PY) benchmarks/merge_dp.py
+
+bench-new-site: install
+	$(PY) benchmarks/new_site.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=secagg/transport --grpc_python_out=secagg/transport \

@@ -175,9 +175,11 @@ def secagg_row(simulate: Callable[..., Any], row: Row, sites: Sequence[tuple[Pat
     """Run one method through the encrypted path (with client-level ``dp`` if given), load the
     written file, score it."""
     t0 = time.perf_counter()
+    # A PyTorch state dict records no forward pass: the sites' module is given, as a user would.
+    torch_module = mc.forecast.build_torch_lstm if Path(sites[0][0]).suffix == ".pt" else None
     result = simulate(row.method, [(str(m), str(d)) for m, d in sites], out=out,
                       finetune_rounds=row.finetune, finetune_epochs=cfg.finetune_epochs,
-                      seed=seed, dp=dp)
+                      seed=seed, dp=dp, torch_module=torch_module, torch_kwargs={"seed": 0} if torch_module else None)
     seconds = time.perf_counter() - t0
     predict = mc.file_predictor(Path(result.out))
     scores: dict[str, Any] = {"train": {}, "heldout": {}}

@@ -18,17 +18,20 @@ import os
 # commands print one line per error. It reads this when first imported; a value the user set wins.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from secagg.api import Average, Receipt, create_round, fetch, fetch_average, round_status, serve, submit
+from secagg.api import (
+    Average, Receipt, cancel_round, create_round, fetch, fetch_average, list_rounds, round_status, serve, submit,
+)
 from secagg.errors import SecAggError
 from secagg.keys import KeyPaths, keygen, load_client_key, load_server_key
 from secagg.models import read_model, write_model
-from secagg.rounds import RoundStatus
+from secagg.rounds import RoundStatus, RoundSummary
+from secagg.scaler import Scaler
 from secagg.transport.tls import ClientTLS, ServerTLS
 
 __all__ = [
-    "Average", "ClientTLS", "KeyPaths", "Receipt", "RoundStatus", "SecAggError", "ServerTLS", "create_round", "fetch",
-    "fetch_average", "keygen", "load_client_key", "load_server_key", "read_model", "round_status", "serve", "submit",
-    "write_model",
+    "Average", "ClientTLS", "KeyPaths", "Receipt", "RoundStatus", "RoundSummary", "Scaler", "SecAggError",
+    "ServerTLS", "cancel_round", "create_round", "fetch", "fetch_average", "keygen", "list_rounds",
+    "load_client_key", "load_server_key", "read_model", "round_status", "serve", "submit", "write_model",
 ]
 __version__ = "0.1.0"
 

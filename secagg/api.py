@@ -20,7 +20,6 @@ from secagg.ciphertexts import Bounds
 from secagg.errors import (
     EnvelopeError,
     KeyFileError,
-    ModelFormatError,
     OverflowRiskError,
     PrivacyError,
     RoundStateError,
@@ -30,10 +29,10 @@ from secagg.errors import (
 from secagg.keys import ClientKey, ServerKey, load_client_key, load_server_key
 from secagg.metrics import Metrics
 from secagg.models import read_model, write_model
-from secagg.packing import ModelSpec, flatten, unflatten
+from secagg.packing import ModelSpec, check_matches, flatten, unflatten
 from secagg.privacy.mechanism import DPConfig, privatize
 from secagg.release import release
-from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus
+from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.client import AggregatorClient
 from secagg.transport.server import Server
@@ -106,7 +105,10 @@ def create_round(
     *,
     tls: ClientTLS | None = None,
 ) -> RoundStatus:
-    """Create a round for the template's architecture. Only names, shapes and dtypes are sent.
+    """Create a round for the template's architecture. Only names, shapes, dtypes and layer types are sent.
+
+    The round matches models by structure: any model with the template's tensors in the same order,
+    shapes, dtypes (and layer types, where the files tell them) may submit, whatever its names.
 
     ``dp``: client-level differential privacy for the round; every submission is clipped and noised
     with it, and the aggregator charges the round to the federation's privacy budget. ``enroll``:
@@ -139,6 +141,29 @@ def round_status(server: str, round_id: str, *, tls: ClientTLS | None = None) ->
         return client.status(round_id)[0]
 
 
+def round_spec(server: str, round_id: str, *, tls: ClientTLS | None = None) -> ModelSpec:
+    """The architecture the round was created for (tensor names, shapes, dtypes, layer types; no values)."""
+    with AggregatorClient(server, tls=tls) as client:
+        return ModelSpec.from_json(client.status(round_id)[1])
+
+
+def cancel_round(server: str, round_id: str, reason: str = "", *, tls: ClientTLS | None = None) -> RoundStatus:
+    """Cancel a collecting round that can never complete; it fails with the reason ``cancelled: <reason>``.
+
+    Its accepted updates are deleted and whoever waits to fetch it gets a :class:`RoundStateError`
+    with that reason. Under mutual TLS this needs an admin certificate. A closed or failed round
+    cannot be cancelled (``RoundStateError``).
+    """
+    with AggregatorClient(server, tls=tls) as client:
+        return client.cancel_round(round_id, reason)
+
+
+def list_rounds(server: str, *, tls: ClientTLS | None = None) -> list[RoundSummary]:
+    """Every round the aggregator holds, oldest first: id, state, submitted/expected, creation time, reason."""
+    with AggregatorClient(server, tls=tls) as client:
+        return client.list_rounds()
+
+
 def submit(
     server: str,
     round_id: str,
@@ -160,14 +185,16 @@ def submit(
     relative to ``dp_reference`` (a model every site knows, e.g. the previous global model) if
     given, else as a whole vector. ``local_dp`` lets a site add local DP of its own to a round
     without DP settings. DP submissions use equal weights (``weight`` must stay 1).
-    If the aggregator is unreachable mid-way (restart), the same encrypted bytes are resent for up
-    to ``retry_for`` seconds; the aggregator recognises a resend and counts it once.
+    The model matches the round by structure (:mod:`secagg.packing`): its tensor names may differ
+    from the template's. For ``retry_for`` seconds the aggregator may be unreachable: at first
+    contact (a site started before the aggregator) and mid-way (a restart), when the same encrypted
+    bytes are resent; the aggregator recognises a resend and counts it once.
     """
     ckey = _client_key(key)
     envelope.check_id("client", client_id)
     tensors = _tensors(model)
     with AggregatorClient(server, tls=tls) as client:
-        status, spec = _round_for(client, round_id, ckey)
+        status, spec = _first_contact(client, round_id, ckey, retry_for)
         if status.state != "collecting":
             raise RoundStateError(f"round {round_id!r} is {status.state}; it accepts no more updates")
         theta = flatten(spec, tensors)
@@ -210,12 +237,18 @@ def _submission_dp(status: RoundStatus, local_dp: DPConfig | None, weight: float
 
 
 def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
-                  progress: Progress | None = None, *, tls: ClientTLS | None = None) -> Average:
-    """Download the round's encrypted sum, decrypt it, check it, and return the weighted mean."""
+                  progress: Progress | None = None, *, retry_for: float = 60.0,
+                  tls: ClientTLS | None = None) -> Average:
+    """Download the round's encrypted sum, decrypt it, check it, and return the weighted mean.
+
+    Waits up to ``wait`` seconds for the round to close; a round that fails or is cancelled meanwhile
+    raises :class:`RoundStateError` with its reason. An aggregator that does not answer yet is tried
+    again for ``retry_for`` seconds.
+    """
     ckey = _client_key(key)
-    end = time.monotonic() + wait
     with AggregatorClient(server, tls=tls) as client:
-        status, spec = _round_for(client, round_id, ckey)
+        status, spec = _first_contact(client, round_id, ckey, retry_for)
+        end = time.monotonic() + wait
         while True:
             try:
                 head, chunks = client.fetch(round_id, max(0.0, end - time.monotonic()))
@@ -243,19 +276,19 @@ def fetch(
     wait: float = 0.0,
     progress: Progress | None = None,
     *,
+    retry_for: float = 60.0,
     tls: ClientTLS | None = None,
 ) -> Path:
     """Fetch the round's weighted average and write it as a model file in the template's format.
 
-    Integer tensors (counters) are not aggregated; they are copied from the template.
+    The file has the template's tensor names (matched to the round by position, so any site's own
+    model serves as template). Integer tensors (counters) are not aggregated; they are copied from
+    the template.
     """
-    average = fetch_average(server, round_id, key, wait, progress, tls=tls)
-    template_tensors = read_model(template)
-    actual = ModelSpec.of(template_tensors)
-    if actual != average.spec:
-        raise ModelFormatError(
-            f"template {template} does not match the round's architecture: {average.spec.describe_difference(actual)}"
-        )
+    template_tensors = read_model(template)  # a bad template fails before any waiting
+    average = fetch_average(server, round_id, key, wait, progress, retry_for=retry_for, tls=tls)
+    check_matches(average.spec, ModelSpec.of(template_tensors), f"template {template}",
+                  f"template {template} does not match the round's architecture")
     return write_model(template, unflatten(average.spec, average.vector, template_tensors), out)
 
 
@@ -279,6 +312,12 @@ def _round_for(client: AggregatorClient, round_id: str, key: ClientKey) -> tuple
     return status, ModelSpec.from_json(spec_json)
 
 
+def _first_contact(client: AggregatorClient, round_id: str, key: ClientKey,
+                   retry_for: float) -> tuple[RoundStatus, ModelSpec]:
+    """The round's status and spec; an aggregator that does not answer (yet) is tried for ``retry_for`` seconds."""
+    return _with_retries(lambda: _round_for(client, round_id, key), retry_for, transient_only=True)
+
+
 def _bounds(status: RoundStatus) -> Bounds:
     return Bounds(status.expected, status.max_weight, status.value_bound)
 
@@ -291,14 +330,19 @@ def _report(chunks, progress: Progress | None, stage: str, total: int | None = N
             progress(stage, i + 1, total)
 
 
-def _with_retries(call, retry_for: float):
+def _with_retries(call, retry_for: float, transient_only: bool = False):
+    """``call()``, again with backoff while it raises TransportError, for up to ``retry_for`` seconds.
+
+    Other errors (auth, unknown round, ...) cannot heal and are raised at once; with
+    ``transient_only`` so are transport errors of the settings (a failed TLS handshake).
+    """
     end = time.monotonic() + retry_for
     delay = 0.2
     while True:
         try:
             return call()
-        except TransportError:
-            if time.monotonic() + delay > end:
+        except TransportError as exc:
+            if (transient_only and not exc.transient) or time.monotonic() + delay > end:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -49,6 +49,76 @@ class _Progress:
         print(f"  {stage}: {done}/{total} ({100 * done // max(total, 1)}%)", file=sys.stderr, flush=True)
 
 
+METHODS_HELP = """methods (or a '+'-joined pipeline: a base, then regmean or fisher, then repair, then readout):
+  auto      builds mean, align, align+regmean, align+repair, each with and without a readout refit,
+            and keeps the one with the lowest pooled validation error (recommended)
+  mean      the sample-weighted average of the weights (what averaging get_weights() gives)
+  align     hidden units permuted to match before averaging (activation matching)
+  regmean   linear maps merged from encrypted Gram matrices (RegMean)
+  fisher    weights averaged with their diagonal Fisher information
+  repair    per-unit affine correction of the averaged units' statistics (REPAIR)
+  readout   the output layer refit in closed form from encrypted sums (ridge)
+  linear    a pooled ridge regression on the input windows (a model of its own)
+  init      a common start from a shared seed, a warm-up round, local training, then the average
+examples: auto, align+readout, align+regmean+readout, init, linear"""
+
+
+class _StepProgress:
+    """Progress of simulate/merge on stderr: a status line on a terminal, one line per step otherwise."""
+
+    def __init__(self, quiet: bool, total: int | None = None) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.total = total
+        self.count = 0
+        self.start = time.monotonic()
+        self.last = ""
+
+    def __call__(self, step: str, detail: str = "") -> None:
+        if self.quiet:
+            return
+        if step != "wait":
+            self.count += 1
+        elapsed = time.monotonic() - self.start
+        where = f"{self.count}/{max(self.total, self.count)}" if self.total else f"{self.count}"
+        text = f"[{where}] {step}: {detail}" if detail else f"[{where}] {step}"
+        if self.tty:
+            bar = ""
+            if self.total:
+                done = min(self.count - 1, self.total) * 20 // self.total
+                bar = "#" * done + "-" * (20 - done) + " "
+            line = f"\r\x1b[2K{bar}{text} ({elapsed:.0f} s)"
+            print(line[:200], end="", file=sys.stderr, flush=True)
+        else:
+            print(f"secagg: {text} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+    def done(self, text: str) -> None:
+        if self.quiet:
+            return
+        elapsed = time.monotonic() - self.start
+        if self.tty:
+            print(f"\r\x1b[2K{text} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+        else:
+            print(f"secagg: {text} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _print_scores(info: dict, quiet: bool) -> None:
+    """auto's candidates as a small table on stderr, best first, beside the sites' own models."""
+    scores = info.get("scores") if isinstance(info, dict) else None
+    if quiet or not scores:
+        return
+    lines = [f"auto: {scores['metric']}; lower is better"]
+    for name, value in scores["candidates"].items():
+        mark = "  <- chosen" if name == info.get("chosen") else ""
+        label = name + (" (plain average)" if name == "mean" else "")
+        lines.append(f"  {label:<28} {value:.4f}{mark}")
+    lines.append(f"  {'each site its own model':<28} {scores['sites_own_models']:.4f}  (on its own data; not a "
+                 "global model)")
+    for name, why in {**scores.get("dropped", {}), **scores.get("skipped", {})}.items():
+        lines.append(f"  {name:<28} not scored: {why}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secagg", description="Encrypted aggregation of model weights (CKKS over gRPC).",
                                 epilog=EPILOG)
@@ -82,10 +152,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "from one of them.")
     add_serve_options(s)
 
-    r = sub.add_parser("round", help="create a round or show its status", epilog=EPILOG)
+    r = sub.add_parser("round", help="create, show, list or cancel rounds", epilog=EPILOG)
     rsub = r.add_subparsers(dest="round_command", required=True, metavar="ACTION")
     rc = rsub.add_parser("create", help="create a round for a model architecture", epilog=EPILOG,
-                         description="Create a round. Only the template's tensor names, shapes and dtypes are sent.")
+                         description="Create a round. Only the template's tensor names, shapes, dtypes and layer "
+                                     "types are sent. Models match it by structure: tensors in the same order with "
+                                     "the same shapes, dtypes and layer types; names may differ.")
     _server_round(rc)
     rc.add_argument("--clients", required=True, type=int, metavar="N", help="number of expected clients")
     rc.add_argument("--min-clients", type=int, metavar="K",
@@ -105,6 +177,16 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: --min-clients)")
     rs = rsub.add_parser("status", help="print a round's status as JSON", epilog=EPILOG)
     _server_round(rs)
+    rx = rsub.add_parser("cancel", help="cancel a round that can never complete", epilog=EPILOG,
+                         description="Fail a collecting round with the reason 'cancelled: TEXT': its accepted updates "
+                                     "are deleted and waiting fetches end with that reason. Under mutual TLS this "
+                                     "needs an admin certificate. Prints the round's status as JSON.")
+    _server_round(rx)
+    rx.add_argument("--reason", default="", metavar="TEXT", help="why, in one line (shown to every site)")
+    rl = rsub.add_parser("list", help="print every round of the aggregator as JSON", epilog=EPILOG,
+                         description="Print {\"rounds\": [...]}: every round's id, state, submitted, expected, "
+                                     "created_unix and reason, oldest first.")
+    _server_round(rl, round_id=False)
 
     sm = sub.add_parser("submit", help="encrypt a model and submit it to a round", epilog=EPILOG,
                         description="Encrypt MODEL under the federation key and submit it. The weight travels encrypted.")
@@ -115,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--weight", type=float, default=1.0, metavar="W",
                     help="this site's weight, e.g. its number of training samples (default 1)")
     sm.add_argument("--quiet", action="store_true", help="no progress output")
+    sm.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
+                    help="keep trying to reach the aggregator this long, at start and if it restarts (default 60)")
     sm.add_argument("--dp-reference", metavar="MODEL",
                     help="DP rounds: clip the update relative to this model every site knows (e.g. the last global "
                          "model); default: clip the whole weight vector")
@@ -128,12 +212,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="where to write the global model (same format as the template)")
     f.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the round to close")
     f.add_argument("--quiet", action="store_true", help="no progress output")
+    f.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
+                   help="keep trying to reach the aggregator this long at start (default 60)")
 
     sim = sub.add_parser("simulate", help="merge several sites' models through a real loopback aggregator",
-                         epilog=EPILOG, description="Run a merge method on every site's model and data, with real "
-                         "encryption and a real aggregator on 127.0.0.1. Methods: mean, align, regmean, readout, "
-                         "linear, init, auto, or a '+'-joined pipeline such as align+regmean+readout.")
-    sim.add_argument("--method", required=True, help="merge method (auto is the recommended choice)")
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Run a merge method on every site's model and data, with real encryption and a "
+                         "real aggregator on 127.0.0.1.\n\n" + METHODS_HELP)
+    sim.add_argument("--method", required=True, help="merge method (auto is the recommended choice; list above)")
     sim.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
     sim.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
     sim.add_argument("--init-epochs", type=int, default=INIT_EPOCHS, metavar="E",
@@ -144,6 +230,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--site", nargs=2, action="append", required=True, metavar=("MODEL", "DATA"),
                      help="a site's model file and its DATA.npz (x: samples, timesteps, features; y: targets)")
     sim.add_argument("--seed", type=int, default=0, help="seed for local training and initialization")
+    sim.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    _torch_options(sim)
     _dp_options(sim, "client-level DP on every exchange of model weights (methods mean, align, init and "
                      "fine-tune rounds); epsilon is over all of them")
     sim.add_argument("--target-epsilon", type=float, metavar="EPS",
@@ -152,14 +240,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="distributed DP: contributions assumed honest (default: the number of sites)")
 
     mg = sub.add_parser("merge", help="take part in a merge as one site of a real federation", epilog=EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Run a merge method as this site: every site runs this command with its own "
-                        "model and data; each step is an encrypted round <round>.<k>.<step> on the aggregator.")
+                        "model and data; each step is an encrypted round <round>.<k>.<step> on the aggregator.\n\n"
+                        + METHODS_HELP)
     _server_round(mg)
     mg.add_argument("--key", required=True, help="the federation's client.key")
     mg.add_argument("--client-id", required=True, metavar="NAME", help="this site's name")
     mg.add_argument("--model", required=True, help="this site's model (.keras, .h5, .pt, .pth)")
     mg.add_argument("--data", required=True, help="this site's DATA.npz (x, y in the model's normalized space)")
-    mg.add_argument("--method", required=True, help="merge method, the same at every site")
+    mg.add_argument("--method", required=True, help="merge method, the same at every site (list above)")
     mg.add_argument("--clients", required=True, type=int, metavar="N", help="number of sites taking part")
     mg.add_argument("--finetune-rounds", type=int, default=0, metavar="K", help="encrypted FedAvg rounds afterwards")
     mg.add_argument("--finetune-epochs", type=int, default=1, metavar="E", help="local epochs per fine-tune round")
@@ -167,31 +257,75 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"method init: local epochs after the common start (default {INIT_EPOCHS})")
     mg.add_argument("--init-warmup", type=int, default=INIT_WARMUP_ROUNDS, metavar="R",
                      help=f"method init: FedAvg rounds of one epoch before local training (default {INIT_WARMUP_ROUNDS})")
-    mg.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for each step")
+    mg.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS",
+                    help="how long to wait for the other sites at each step (default 3600)")
     mg.add_argument("--max-weight", type=float, default=1e5, metavar="W",
                     help="the same at every site: at least the largest site's training rows (default 1e5)")
     mg.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
+    mg.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    _torch_options(mg)
 
-    sc = sub.add_parser("scaler", help="compute a scaler shared by all sites from encrypted sums", epilog=EPILOG,
-                        description="Every site runs this with its own raw data; all get the same per-feature mean "
-                        "and standard deviation (of log1p(values) with --log1p), and no site reveals its statistics.")
-    _server_round(sc)
-    sc.add_argument("--key", required=True, help="the federation's client.key")
-    sc.add_argument("--client-id", required=True, metavar="NAME", help="this site's name")
+    sc = sub.add_parser("scaler", help="fit a scaler: one shared by all sites from encrypted sums, or this site's "
+                        "own (--local)", epilog=EPILOG,
+                        description="Shared (default): every site runs this with its own raw data and all get the "
+                        "same per-feature mean and standard deviation (of log1p(values) with --log1p); no site reveals "
+                        "its statistics. Only standard scaling can be shared: a maximum cannot be computed from an "
+                        "encrypted sum without revealing each site's extremes. --local: fit this site's own scaler "
+                        "(standard or minmax) on its own history, no aggregator; a new site does this before "
+                        "`secagg predict`. The output is a scaler JSON file (README, 'Shared scaling').")
+    _server_round(sc, required=False)
+    sc.add_argument("--local", action="store_true",
+                    help="fit this site's own scaler on its own data; no aggregator, no --server/--round/--key")
+    sc.add_argument("--kind", choices=("standard", "minmax"), default="standard",
+                    help="standard: (f(v) - mean) / std; minmax: (f(v) - min) / (max - min) into --feature-range, "
+                    "with --local only (default standard)")
+    sc.add_argument("--feature-range", nargs=2, type=float, metavar=("LO", "HI"),
+                    help="the range minmax maps [min, max] to (default 0 1)")
+    sc.add_argument("--key", help="the federation's client.key (shared)")
+    sc.add_argument("--client-id", metavar="NAME", help="this site's name (shared)")
     sc.add_argument("--data", required=True, help="npz with array 'values' (rows, features) of raw values")
-    sc.add_argument("--clients", required=True, type=int, metavar="N", help="number of sites taking part")
+    sc.add_argument("--clients", type=int, metavar="N", help="number of sites taking part (shared)")
     sc.add_argument("--log1p", action="store_true", help="scale log1p(values) (counts)")
     sc.add_argument("--value-bound", type=float, default=1e3, metavar="B",
                     help="bound on |f(value)|^2, the same at every site (default 1e3)")
     sc.add_argument("--wait", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for the others")
     sc.add_argument("--max-weight", type=float, default=1e5, metavar="W",
                     help="the same at every site: at least the largest site's row count (default 1e5)")
-    sc.add_argument("--out", required=True, metavar="SCALER_JSON", help="where to write the shared scaler")
+    sc.add_argument("--out", required=True, metavar="SCALER_JSON", help="where to write the scaler")
 
     dg = sub.add_parser("diagnose", help="say why a merged model gives nonsense on a site's data", epilog=EPILOG)
     dg.add_argument("--model", required=True, help="the merged (global) model")
     dg.add_argument("--data", required=True, help="the site's DATA.npz (x, y normalized; optional y_raw)")
-    dg.add_argument("--scaler", help="JSON scaler used to de-normalize (mean, std, log1p); needs y_raw in DATA")
+    dg.add_argument("--scaler", help="scaler JSON used to de-normalize (secagg scaler's format, or mean/std/log1p); "
+                    "needs y_raw in DATA")
+    dg.add_argument("--column", type=int, default=0, metavar="I",
+                    help="the scaler's feature that is the target, if it has several (default 0)")
+    _torch_options(dg)
+
+    pr = sub.add_parser("predict", help="forecast with a (global) model on a site's raw history, e.g. a new site",
+                        epilog=EPILOG,
+                        description="Scales RAW.npz's 'values' (rows, features, raw values in time order) with "
+                        "--scaler, cuts windows of the model's input length, runs the model in its framework, "
+                        "de-scales the forecasts and writes them with the row each is for. Prints a JSON summary "
+                        "with MAE/RMSE against persistence where the history holds the truth.")
+    pr.add_argument("--model", required=True, help="the (global) model: .keras/.h5, or .pt/.pth with --torch-model")
+    pr.add_argument("--data", required=True, metavar="RAW_NPZ",
+                    help="npz with array 'values' (rows, features) of raw values, one row per time step")
+    pr.add_argument("--scaler", required=True, metavar="SCALER_JSON",
+                    help="this site's own scaler (secagg scaler --local), or the federation's shared one")
+    pr.add_argument("--out", required=True, metavar="FORECAST_NPZ",
+                    help="where to write row, forecast, truth, persistence (and forecast_global with --adapt)")
+    pr.add_argument("--column", type=int, default=0, metavar="I", help="the feature to forecast (default 0)")
+    pr.add_argument("--horizon", type=int, default=1, metavar="H",
+                    help="rows ahead of a window's last row the model forecasts (default 1)")
+    pr.add_argument("--window", type=int, metavar="ROWS",
+                    help="input length; needed for PyTorch models (a Keras file records it)")
+    _torch_options(pr)
+    pr.add_argument("--adapt", action="store_true",
+                    help="refit the readout (last Dense/Linear layer) on this site's own history first")
+    pr.add_argument("--adapt-fit", type=float, default=0.5, metavar="FRACTION",
+                    help="fit --adapt on this first fraction of the history, score on the rest (default 0.5)")
+    pr.add_argument("--adapted-out", metavar="MODEL", help="with --adapt: write the adapted model here")
     return p
 
 
@@ -233,14 +367,21 @@ def _dp_config(args: argparse.Namespace, min_clients: int | None, default_mode: 
     return DPConfig(args.clip_norm, z, delta, args.dp_mode or default_mode, k).validate()
 
 
-def _server_round(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the aggregator's address")
-    p.add_argument("--round", required=True, metavar="ID", help="round id (letters, digits, '.', '_', '-')")
+def _server_round(p: argparse.ArgumentParser, round_id: bool = True, required: bool = True) -> None:
+    p.add_argument("--server", required=required, metavar="HOST:PORT", help="the aggregator's address")
+    if round_id:
+        p.add_argument("--round", required=required, metavar="ID", help="round id (letters, digits, '.', '_', '-')")
     t = p.add_argument_group("TLS", "Default: the SECAGG_TLS_CA, SECAGG_TLS_CERT and SECAGG_TLS_KEY variables, "
                                     "else no TLS.")
     t.add_argument("--tls-ca", metavar="CA_CRT", help="the CA that issued the aggregator's certificate")
     t.add_argument("--tls-cert", metavar="CRT", help="this client's certificate (its name is the client id)")
     t.add_argument("--tls-key", metavar="KEY", help="this client's private key")
+
+
+def _torch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--torch-model", metavar="MODULE:CLASS",
+                   help="for a PyTorch state dict: its nn.Module, package.module:Class or path/file.py:Class")
+    p.add_argument("--torch-kwargs", metavar="JSON", help="constructor arguments of --torch-model, a JSON object")
 
 
 def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
@@ -324,12 +465,18 @@ def _run(args: argparse.Namespace) -> int:
                                      args.deadline, args.max_weight, args.value_bound, dp=dp, enroll=enroll,
                                      tls=_client_tls(args))
         print(json.dumps(status.to_json_dict()))
+    elif args.command == "round" and args.round_command == "cancel":
+        s = secagg.cancel_round(args.server, args.round, args.reason, tls=_client_tls(args))
+        print(json.dumps(s.to_json_dict()))
+    elif args.command == "round" and args.round_command == "list":
+        rounds = secagg.list_rounds(args.server, tls=_client_tls(args))
+        print(json.dumps({"rounds": [r.to_json_dict() for r in rounds]}))
     elif args.command == "round":
         s = secagg.round_status(args.server, args.round, tls=_client_tls(args))
         print(json.dumps(s.to_json_dict()))
     elif args.command == "submit":
         r = secagg.submit(args.server, args.round, args.key, args.client_id, args.model, args.weight,
-                          progress=_Progress(args.quiet), dp_reference=args.dp_reference,
+                          progress=_Progress(args.quiet), retry_for=args.retry_for, dp_reference=args.dp_reference,
                           local_dp=_dp_config(args, None, "local"), tls=_client_tls(args))
         print(json.dumps({"round": r.round_id, "client_id": r.client_id, "submitted": r.submitted,
                           "already_accepted": r.already_accepted, "num_params": r.num_params,
@@ -345,9 +492,12 @@ def _run(args: argparse.Namespace) -> int:
 
             releases = dp_exchanges(args.method, args.finetune_rounds, args.init_warmup)
             dp = _dp_config(args, len(args.site), "distributed", rounds=releases)
+        progress = _StepProgress(args.quiet)
         result = simulate(args.method, [tuple(s) for s in args.site], args.out, args.finetune_rounds,
                           args.finetune_epochs, args.seed, init_epochs=args.init_epochs, init_warmup=args.init_warmup,
-                          dp=dp)
+                          dp=dp, torch_module=args.torch_model, torch_kwargs=args.torch_kwargs, progress=progress)
+        progress.done(f"wrote {result.out}")
+        _print_scores(result.chosen, args.quiet)
         print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
                           "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "wire_bytes": s.wire_bytes}
                                     for s in result.steps],
@@ -356,38 +506,72 @@ def _run(args: argparse.Namespace) -> int:
         from secagg.merge.remote import run_site
         from secagg.merge.simulate import load_site, write_result
 
+        from secagg.merge.methods import check_method
+
         _check_rounds(args)
-        site = load_site(args.client_id, args.model, args.data)
+        check_method(args.method, args.finetune_rounds)
+        progress = _StepProgress(args.quiet)
+        progress("load", f"{args.model}, checked against its framework on {args.data}")
+        site = load_site(args.client_id, args.model, args.data, torch_module=args.torch_model,
+                         torch_kwargs=args.torch_kwargs, report=progress)
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
                                args.method, args.clients, args.finetune_rounds,
                                args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup,
-                               tls=_client_tls(args))
+                               tls=_client_tls(args), progress=progress)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
+        progress.done(f"wrote {written}")
+        _print_scores(info, args.quiet)
         print(json.dumps({"method": args.method, "out": str(written), "chosen": info}))
     elif args.command == "scaler":
-        import numpy as np
-
-        from secagg.merge.remote import run_protocol
-        from secagg.merge.scaling import shared_scaler
-
-        with np.load(args.data, allow_pickle=False) as d:
-            if "values" not in d:
-                raise SecAggError(f"{args.data}: needs an array 'values' (rows, features) of raw values")
-            values = d["values"]
-        scaler = run_protocol(args.server, args.round, secagg.load_client_key(args.key), args.client_id,
-                              shared_scaler(values, args.log1p, args.value_bound), args.clients, wait=args.wait,
-                              max_weight=args.max_weight, tls=_client_tls(args))
-        scaler.save(args.out)
-        print(json.dumps({"out": args.out, "mean": scaler.mean.tolist(), "std": scaler.std.tolist(), "site_rows": scaler.site_rows}))
+        _scaler(args)
     elif args.command == "diagnose":
         from secagg.merge.diagnose import diagnose
 
-        print(json.dumps(diagnose(args.model, args.data, args.scaler).to_json_dict()))
+        print(json.dumps(diagnose(args.model, args.data, args.scaler, column=args.column,
+                                  torch_module=args.torch_model, torch_kwargs=args.torch_kwargs).to_json_dict()))
+    elif args.command == "predict":
+        from secagg.predict import forecast
+
+        result = forecast(args.model, args.data, args.scaler, column=args.column, horizon=args.horizon,
+                          window=args.window, torch_module=args.torch_model, torch_kwargs=args.torch_kwargs,
+                          adapt=args.adapt, adapt_fit=args.adapt_fit, adapted_out=args.adapted_out)
+        result.save(args.out)
+        print(json.dumps({"out": args.out, "model": args.model, **result.summary()}))
     elif args.command == "fetch":
         out = secagg.fetch(args.server, args.round, args.key, args.template, args.out, args.wait,
-                           progress=_Progress(args.quiet), tls=_client_tls(args))
+                           progress=_Progress(args.quiet), retry_for=args.retry_for, tls=_client_tls(args))
         print(json.dumps({"round": args.round, "out": str(out)}))
     return 0
+
+
+def _scaler(args: argparse.Namespace) -> None:
+    """``secagg scaler``: this site's own scaler (--local) or one shared by all sites (a scaling round)."""
+    import secagg
+    from secagg.scaler import Scaler, load_values
+
+    shared_options = {"--server": args.server, "--round": args.round, "--key": args.key,
+                      "--client-id": args.client_id, "--clients": args.clients}
+    if args.feature_range is not None and args.kind != "minmax":
+        raise SecAggError("--feature-range applies to --kind minmax only; drop it or add --kind minmax")
+    if args.local:
+        given = [k for k, v in shared_options.items() if v is not None]
+        if given:
+            raise SecAggError(f"--local fits this site's own scaler without an aggregator; drop {', '.join(given)}")
+        scaler = Scaler.fit(load_values(args.data), args.kind, args.log1p, tuple(args.feature_range or (0.0, 1.0)))
+    else:
+        from secagg.merge.remote import run_protocol
+        from secagg.merge.scaling import SHARED_MINMAX_REFUSED, shared_scaler
+
+        if args.kind == "minmax":
+            raise SecAggError(SHARED_MINMAX_REFUSED)
+        missing = [k for k, v in shared_options.items() if v is None]
+        if missing:
+            raise SecAggError(f"a shared scaler needs {', '.join(missing)}; or fit this site's own with --local")
+        scaler = run_protocol(args.server, args.round, secagg.load_client_key(args.key), args.client_id,
+                              shared_scaler(load_values(args.data), args.log1p, args.value_bound), args.clients,
+                              wait=args.wait, max_weight=args.max_weight, tls=_client_tls(args))
+    scaler.save(args.out)
+    print(json.dumps({"out": args.out, "shared": not args.local, "site_rows": scaler.rows, **scaler.to_json_dict()}))
 
 
 def main(argv: list[str] | None = None) -> int:

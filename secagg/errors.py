@@ -58,7 +58,15 @@ class AggregateCheckError(SecAggError):
 
 
 class TransportError(SecAggError):
-    """The aggregator could not be reached or the connection broke."""
+    """The aggregator could not be reached or the connection broke.
+
+    ``transient`` is True when trying again may help (nothing answered, a connection broke) and
+    False for a problem of the settings that no retry heals (e.g. a failed TLS handshake).
+    """
+
+    def __init__(self, message: str = "", transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class PrivacyError(SecAggError):
@@ -79,3 +87,7 @@ class UnauthenticatedError(AuthError):
 
 class CohortError(SecAggError):
     """A round would release a sum of fewer contributions than the minimum cohort allows."""
+
+
+class ScalerError(SecAggError):
+    """A scaler file is invalid, or a scaler does not fit the data it is applied to."""

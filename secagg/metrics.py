@@ -40,7 +40,7 @@ class Metrics(RoundObserver):
                                        ["reason"], registry=r)
         self.rounds_created = Counter("secagg_rounds_created", "rounds created", registry=r)
         self.rounds_closed = Counter("secagg_rounds_closed", "rounds closed with their sum", registry=r)
-        self.rounds_failed = Counter("secagg_rounds_failed", "rounds failed (deadline below quorum or cohort)",
+        self.rounds_failed = Counter("secagg_rounds_failed", "rounds failed (deadline below quorum or cohort, or cancelled)",
                                      registry=r)
         self.round_duration = Histogram("secagg_round_duration_seconds", "time from a round's creation to its close",
                                         buckets=DURATION_BUCKETS, registry=r)

@@ -1,5 +1,11 @@
 """Named tensors <-> one flat float64 vector, in a deterministic order, described by a ModelSpec.
 
+Models match by **structure**, not by name: two models fit one round when their tensors agree, in
+order, in shape and dtype (the order ``model.get_weights()`` or ``state_dict()`` gives), and in the
+type of the layer owning each tensor where the model file tells it (Keras). Names are labels: a
+notebook that builds four identical Keras models gets ``lstm``, ``lstm_1``, ... and they still match.
+The round's spec pins the architecture; a fetched average is written under the caller's own names.
+
 Only floating-point tensors are aggregated. Integer and boolean tensors (BatchNorm's
 ``num_batches_tracked``, step counters, masks) are listed in the spec, so architectures must still
 match exactly, but they never leave the site: averaging a counter has no meaning and large counters
@@ -17,14 +23,34 @@ import numpy as np
 
 from secagg.errors import ModelFormatError
 
+#: What to do when two models do not match, said after every such error.
+SAME_ARCHITECTURE = ("Names may differ; the layers must be the same kinds and sizes in the same order: build every "
+                     "site's model with the same code as the round's template.")
+
+
+class ModelTensors(dict):
+    """A model's named tensors (name -> array, in the model's order) and the layer type of each.
+
+    A plain ``dict`` in every way; ``layer_types`` maps a tensor's name to the class name of the
+    layer that owns it (``"LSTM"``, ``"Dense"``, ``"Bidirectional/LSTM"`` for a wrapped layer) for
+    the formats that tell it (Keras). A name it lacks, or ``""``, means unknown. Copying the dict
+    (``dict(tensors)``) drops the layer types; a spec then compares shapes and dtypes only.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray] | None = None,
+                 layer_types: Mapping[str, str] | None = None) -> None:
+        super().__init__(tensors or {})
+        self.layer_types: dict[str, str] = dict(layer_types or {})
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a model: its name, shape, dtype, and whether it is aggregated."""
+    """One tensor of a model: its name (a label), shape, dtype and owning layer's type ("" = unknown)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    layer_type: str = ""
 
     @property
     def aggregated(self) -> bool:
@@ -34,17 +60,31 @@ class TensorSpec:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    def matches(self, other: "TensorSpec") -> bool:
+        """Same shape and dtype, and the same layer type unless one side does not know it. Names are not compared."""
+        return (self.shape == other.shape and self.dtype == other.dtype
+                and (not self.layer_type or not other.layer_type or self.layer_type == other.layer_type))
+
+    def describe(self) -> str:
+        """``'lstm/lstm_cell/bias' (32,) float32 (LSTM)``: what a user recognises the tensor by."""
+        return f"{self.name!r} {self.shape} {self.dtype}" + (f" ({self.layer_type})" if self.layer_type else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The architecture as the aggregator sees it: tensor names, shapes and dtypes, no values."""
+    """The architecture as the aggregator sees it: per tensor a name, shape, dtype and layer type; no values."""
 
     tensors: tuple[TensorSpec, ...]
 
     @classmethod
-    def of(cls, tensors: Mapping[str, np.ndarray]) -> "ModelSpec":
-        """The spec of a model's named tensors, in their given order."""
-        return cls(tuple(TensorSpec(n, tuple(int(d) for d in a.shape), str(a.dtype)) for n, a in tensors.items()))
+    def of(cls, tensors: Mapping[str, np.ndarray], layer_types: Mapping[str, str] | None = None) -> "ModelSpec":
+        """The spec of a model's named tensors, in their given order.
+
+        Layer types come from ``layer_types``, else from ``tensors.layer_types`` (a :class:`ModelTensors`).
+        """
+        types = layer_types if layer_types is not None else getattr(tensors, "layer_types", None) or {}
+        return cls(tuple(TensorSpec(n, tuple(int(d) for d in a.shape), str(a.dtype), types.get(n, ""))
+                         for n, a in tensors.items()))
 
     @property
     def num_params(self) -> int:
@@ -52,13 +92,16 @@ class ModelSpec:
         return sum(t.size for t in self.tensors if t.aggregated)
 
     def to_json(self) -> str:
-        return json.dumps([[t.name, list(t.shape), t.dtype] for t in self.tensors], separators=(",", ":"))
+        """``[[name, shape, dtype, layer_type], ...]``; the layer type is left out where it is unknown."""
+        return json.dumps([[t.name, list(t.shape), t.dtype] + ([t.layer_type] if t.layer_type else [])
+                           for t in self.tensors], separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
+        """Rows of ``[name, shape, dtype]`` or ``[name, shape, dtype, layer_type]``."""
         try:
             rows = json.loads(text)
-            spec = cls(tuple(TensorSpec(str(n), tuple(_dim(d) for d in s), _dtype(dt)) for n, s, dt in rows))
+            spec = cls(tuple(_tensor_spec(row) for row in rows))
         except (ValueError, TypeError, OverflowError) as exc:
             raise ModelFormatError(f"malformed model spec: {exc}; send the template through the secagg client") from exc
         names = [t.name for t in spec.tensors]
@@ -71,54 +114,78 @@ class ModelSpec:
 
     @property
     def hash(self) -> str:
-        """SHA-256 over names, shapes and dtypes in order: two models match iff their hashes do."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """SHA-256 over the structure: shape, dtype and layer type of every tensor in order, never the names.
 
-    def describe_difference(self, other: "ModelSpec") -> str:
-        """A short, human reason why ``other`` is not this spec (first differing tensor)."""
-        mine = {t.name: t for t in self.tensors}
-        theirs = {t.name: t for t in other.tensors}
-        for name in mine.keys() - theirs.keys():
-            return f"tensor '{name}' is missing"
-        for name in theirs.keys() - mine.keys():
-            return f"unexpected tensor '{name}'"
-        for a, b in zip(self.tensors, other.tensors):
-            if a.name != b.name:
-                return f"tensor order differs at '{a.name}' vs '{b.name}'"
-            if a.shape != b.shape:
-                return f"tensor '{a.name}' has shape {b.shape}, expected {a.shape}"
-            if a.dtype != b.dtype:
-                return f"tensor '{a.name}' has dtype {b.dtype}, expected {a.dtype}"
-        return "specs are identical"
+        Two models of one architecture have the same hash however their layers are named. Specs that
+        record layer types on one side only may match (:meth:`matches`) with different hashes.
+        """
+        structure = [[list(t.shape), t.dtype, t.layer_type] for t in self.tensors]
+        return hashlib.sha256(json.dumps(structure, separators=(",", ":")).encode()).hexdigest()
+
+    def matches(self, other: "ModelSpec") -> bool:
+        """True if ``other`` has this architecture: tensor by tensor, see :meth:`TensorSpec.matches`."""
+        return len(self.tensors) == len(other.tensors) and all(
+            a.matches(b) for a, b in zip(self.tensors, other.tensors))
+
+    def describe_difference(self, other: "ModelSpec", mine: str = "the round", theirs: str = "this model") -> str:
+        """Where ``other`` first differs from this spec, with both sides, e.g. ``at tensor 3 of 5: the round
+        has 'lstm/lstm_cell/bias' (32,) float32 (LSTM), this model has 'dense/kernel' (8, 1) float32 (Dense)``.
+        ``mine`` and ``theirs`` name the two sides."""
+        n, m = len(self.tensors), len(other.tensors)
+        counts = "" if n == m else f" ({mine} has {n} tensors, {theirs} has {m})"
+        for i in range(max(n, m)):
+            a = self.tensors[i] if i < n else None
+            b = other.tensors[i] if i < m else None
+            if a is None or b is None or not a.matches(b):
+                return (f"at tensor {i + 1} of {n}{counts}: {mine} has {a.describe() if a else 'no tensor there'}, "
+                        f"{theirs} has {b.describe() if b else 'no tensor there'}")
+        return "the architectures match"
+
+
+def check_matches(spec: ModelSpec, actual: ModelSpec, theirs: str = "this model",
+                  what: str = "model does not match the round's architecture") -> None:
+    """Raise ModelFormatError naming the first differing tensor on both sides and the fix."""
+    if not spec.matches(actual):
+        raise ModelFormatError(f"{what} {spec.describe_difference(actual, 'the round', theirs)}. {SAME_ARCHITECTURE}")
 
 
 def flatten(spec: ModelSpec, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The aggregated tensors of ``tensors`` as one float64 vector, in spec order."""
-    actual = ModelSpec.of(tensors)
-    if actual != spec:
-        raise ModelFormatError(f"model does not match the round's architecture: {spec.describe_difference(actual)}")
-    parts = [np.asarray(tensors[t.name], dtype=np.float64).ravel() for t in spec.tensors if t.aggregated]
+    """The aggregated tensors of ``tensors`` as one float64 vector, matched to the spec by position."""
+    check_matches(spec, ModelSpec.of(tensors))
+    parts = [np.asarray(arr, dtype=np.float64).ravel() for t, arr in zip(spec.tensors, tensors.values()) if t.aggregated]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
 
 
-def unflatten(spec: ModelSpec, vector: np.ndarray, template: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Tensors from a flat vector; non-aggregated tensors are copied from ``template``."""
+def unflatten(spec: ModelSpec, vector: np.ndarray, template: Mapping[str, np.ndarray]) -> ModelTensors:
+    """Tensors from a flat vector under the template's names, by position; non-aggregated tensors are
+    copied from ``template``. The template must have the spec's architecture (names may differ)."""
     if vector.size != spec.num_params:
         raise ModelFormatError(f"vector has {vector.size} values, the spec needs {spec.num_params}")
-    out: dict[str, np.ndarray] = {}
+    check_matches(spec, ModelSpec.of(template), "the template",
+                  "the template does not match the round's architecture")
+    out = ModelTensors(layer_types=getattr(template, "layer_types", None))
     pos = 0
-    for t in spec.tensors:
+    for t, (name, arr) in zip(spec.tensors, template.items()):
         if t.aggregated:
-            out[t.name] = vector[pos : pos + t.size].reshape(t.shape)
+            out[name] = vector[pos : pos + t.size].reshape(t.shape)
             pos += t.size
         else:
-            out[t.name] = np.array(template[t.name], copy=True)
+            out[name] = np.array(arr, copy=True)
     return out
 
 
 #: No spec can describe more values than this (2^40): beyond it sizes overflow int64 products long
 #: before any aggregator could hold the sum. The aggregator's own, much lower limit is --max-params.
 MAX_SPEC_PARAMS = 2**40
+#: Longest layer type a spec may carry (wrapper/inner class names are far shorter).
+MAX_LAYER_TYPE = 200
+
+
+def _tensor_spec(row) -> TensorSpec:
+    if not isinstance(row, list) or len(row) not in (3, 4):
+        raise ValueError(f"row {row!r} is not [name, shape, dtype] or [name, shape, dtype, layer_type]")
+    name, shape, dtype = row[:3]
+    return TensorSpec(str(name), tuple(_dim(d) for d in shape), _dtype(dtype), _layer_type(row[3]) if len(row) == 4 else "")
 
 
 def _dim(d) -> int:
@@ -139,3 +206,10 @@ def _dtype(dt) -> str:
     except TypeError as exc:
         raise ValueError(f"unknown dtype {dt!r}") from exc
     return dt
+
+
+def _layer_type(lt) -> str:
+    """A layer type: class names joined by '/', printable, at most MAX_LAYER_TYPE characters."""
+    if not isinstance(lt, str) or len(lt) > MAX_LAYER_TYPE or not lt.isprintable():
+        raise ValueError(f"layer type {str(lt)[:40]!r} is not a short, printable name")
+    return lt

@@ -2,6 +2,8 @@
 
 A round is created ``collecting``; it becomes ``closed`` when every expected client submitted, or
 at its deadline if at least ``min_clients`` did; otherwise at the deadline it becomes ``failed``.
+An administrator may cancel a collecting round that can never complete: it becomes ``failed`` with
+the reason ``cancelled: ...``, like a round that missed its quorum.
 
 State directory layout, one folder per round::
 
@@ -156,6 +158,25 @@ class RoundStatus:
     def to_json_dict(self) -> dict:
         """The fields ``secagg round status`` prints."""
         return dataclasses.asdict(self) | {"clients": list(self.clients), "enrolled": list(self.enrolled)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSummary:
+    """One line of the aggregator's list of rounds."""
+
+    round_id: str
+    state: str
+    submitted: int
+    expected: int
+    created_unix: float | None  # None: created by a version that did not record it
+    reason: str = ""  # why the round failed
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: Longest reason an administrator may give when cancelling a round.
+MAX_CANCEL_REASON = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +339,40 @@ class Aggregator:
         rnd = self._round(round_id)
         with rnd.lock:
             self._apply_deadline(rnd)
+            return self._status(rnd)
+
+    def list_rounds(self) -> list[RoundSummary]:
+        """Every round this aggregator holds, oldest first; applies deadlines first."""
+        with self._lock:
+            rounds = list(self._rounds.values())
+        summaries = []
+        for rnd in rounds:
+            with rnd.lock:
+                self._apply_deadline(rnd)
+                submitted = len(rnd.accepted) if rnd.state == COLLECTING else len(rnd.clients_at_close)
+                summaries.append(RoundSummary(rnd.config.round_id, rnd.state, submitted, rnd.config.expected_clients,
+                                              rnd.created_unix, rnd.reason))
+        return sorted(summaries, key=lambda s: (s.created_unix or 0.0, s.round_id))
+
+    def cancel_round(self, round_id: str, reason: str = "", by: str | None = None) -> RoundStatus:
+        """Fail a collecting round that can never complete, for ``reason`` (``by``: who cancelled it).
+
+        Durable like any failure: ``round.json`` says failed, the accepted updates are deleted, and
+        fetchers waiting for the round are woken and told why. A closed or failed round is refused.
+        """
+        why = " ".join(reason.split())  # one line: the reason ends up in one-line errors and logs
+        if len(why) > MAX_CANCEL_REASON:
+            raise SecAggError(f"the reason is {len(why)} characters long; say it in at most {MAX_CANCEL_REASON}")
+        rnd = self._round(round_id)
+        with rnd.lock:
+            self._apply_deadline(rnd)
+            if rnd.state != COLLECTING:
+                raise RoundStateError(
+                    f"round {round_id!r} is already {rnd.state}" + (f" ({rnd.reason})" if rnd.reason else "")
+                    + "; only a collecting round can be cancelled"
+                )
+            self._fail(rnd, f"cancelled: {why or 'no reason given'}" + (f" (by {by})" if by else ""))
+            rnd.changed.notify_all()
             return self._status(rnd)
 
     def round_config(self, round_id: str) -> RoundConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ import secagg
 # Round mechanics with two clients need the aggregator's minimum cohort lowered (default 3, tested in
 # tests/privacy/test_cohort.py).
 SMALL_COHORT = ("--min-cohort", "1")
-COMMANDS = [[], ["keygen"], ["serve"], ["round"], ["round", "create"], ["round", "status"], ["submit"], ["fetch"]]
+COMMANDS = [[], ["keygen"], ["serve"], ["round"], ["round", "create"], ["round", "status"], ["round", "cancel"],
+            ["round", "list"], ["submit"], ["fetch"]]
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -185,13 +187,81 @@ def test_round_with_keras_models(cli, cli_popen, serve_process, keydir, tmp_path
     helpers.assert_close_to_average(got, helpers.weighted_average(sent, weights), atol=1e-6)
 
 
+def _notebook_models(keras, variant: str, n: int) -> list:
+    """What a user's notebook does: build and briefly train n models in one loop, without naming any layer,
+    so Keras numbers them (lstm, lstm_1, ...; the inner layers of wrappers too)."""
+    layers = keras.layers
+    rng = np.random.default_rng(7)
+    models = []
+    for i in range(n):
+        if variant == "lstm":
+            model = keras.Sequential([keras.Input((12, 1)), layers.LSTM(8), layers.Dense(1)])
+        else:
+            model = keras.Sequential([keras.Input((12, 1)), layers.Bidirectional(layers.LSTM(4, return_sequences=True)),
+                                      layers.TimeDistributed(layers.Dense(3)), layers.LSTM(4), layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        x = rng.standard_normal((32, 12, 1)).astype(np.float32)
+        model.fit(x, x[:, -1] * (i + 1), epochs=1, batch_size=16, verbose=0)
+        models.append(model)
+    return models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["lstm", "bidirectional"])
+def test_round_with_notebook_keras_models(cli, cli_popen, serve_process, keydir, tmp_path, helpers, variant):
+    """Four identical architectures with four sets of auto-numbered names go through one encrypted round."""
+    keras = pytest.importorskip("keras")
+    server = serve_process()
+    models = _notebook_models(keras, variant, 4)
+    paths = [tmp_path / f"site-{i}{'.h5' if i == 3 else '.keras'}" for i in range(4)]
+    for model, path in zip(models, paths):
+        model.save(path)
+    names = [list(secagg.read_model(p)) for p in paths]
+    assert len({tuple(n) for n in names}) == 4  # the names differ from site to site
+    weights = [120.0, 80.0, 300.0, 45.0]
+    out = tmp_path / "global.keras"
+    run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen)
+
+    # Exact against the positional weighted average of get_weights(), and written with the template's names.
+    expected = [sum(w * np.asarray(m.get_weights()[k], np.float64) for w, m in zip(weights, models)) / sum(weights)
+                for k in range(len(models[0].get_weights()))]
+    got = keras.models.load_model(out, compile=False).get_weights()
+    assert len(got) == len(expected) == len(names[0])
+    helpers.assert_close_to_average({str(k): g for k, g in enumerate(got)},
+                                    {str(k): e for k, e in enumerate(expected)}, atol=1e-6)
+    assert list(secagg.read_model(out)) == names[0]
+    # Site 3 fetches with its own .h5 model as template: the same average under site 3's names.
+    ck = str(keydir / "client.key")
+    ok(cli("fetch", "--server", server.address, "--round", "r1", "--key", ck, "--template", str(paths[3]), "--out",
+           str(tmp_path / "global.h5")))
+    mine = secagg.read_model(tmp_path / "global.h5")
+    assert list(mine) == names[3]
+    helpers.assert_close_to_average({str(k): g for k, g in enumerate(mine.values())},
+                                    {str(k): e for k, e in enumerate(expected)}, atol=1e-6)
+
+    if variant == "lstm":
+        # A model of other sizes is refused before anything is encrypted, naming both sides and the fix.
+        wider = keras.Sequential([keras.Input((12, 1)), keras.layers.LSTM(16), keras.layers.Dense(1)])
+        wider.save(tmp_path / "wider.keras")
+        secagg.create_round(server.address, "r2", template=paths[0], clients=3)
+        wider_name = list(secagg.read_model(tmp_path / "wider.keras"))[0]
+        line = one_line_error(cli("submit", "--server", server.address, "--round", "r2", "--key", ck, "--client-id",
+                                  "site-9", "--model", str(tmp_path / "wider.keras")),
+                              f"model does not match the round's architecture at tensor 1 of 5: the round has "
+                              f"{names[0][0]!r} (1, 32) float32 (LSTM), this model has {wider_name!r} (1, 64) float32 "
+                              "(LSTM). Names may differ; the layers must be the same kinds and sizes in the same "
+                              "order: build every site's model with the same code as the round's template.")
+        assert "missing" not in line
+        assert secagg.round_status(server.address, "r2").submitted == 0
+
+
 @pytest.mark.slow
 def test_keras_model_error_is_one_line(cli, keydir, tmp_path):
     keras = pytest.importorskip("keras")
     path = tmp_path / "site.keras"
     _keras_model(keras, 0).save(path)
     one_line_error(cli("submit", "--server", "127.0.0.1:1", "--round", "r1", "--key", str(keydir / "client.key"),
-                       "--client-id", "a", "--model", str(path)), "cannot reach the aggregator")
+                       "--client-id", "a", "--model", str(path), "--retry-for", "1"), "cannot reach the aggregator")
 
 
 # -- errors: non-zero exit and one line on stderr ------------------------------------------------------------
@@ -261,5 +331,67 @@ def test_fetch_wait_and_template_mismatch(cli, cli_popen, serve_process, keydir,
                                     atol=1e-6, template=tensors[0])
 
     wrong = helpers.save_npz(tmp_path / "wrong.npz", {k: v for k, v in tensors[0].items() if k != "odd"})
-    one_line_error(cli("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(wrong),
-                       "--out", str(tmp_path / "w.npz")), "tensor 'odd' is missing")
+    line = one_line_error(cli("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(wrong),
+                              "--out", str(tmp_path / "w.npz")),
+                          f"template {wrong} does not match the round's architecture at tensor 3 of 5 (the round has 5 "
+                          f"tensors, template {wrong} has 4): the round has 'odd' (7,) float64, template {wrong} has "
+                          "'out/kernel' (64, 10) float32.")
+    assert "Names may differ; the layers must be the same kinds and sizes in the same order" in line
+    assert not (tmp_path / "w.npz").exists()
+    # Any site's own model serves as template, whatever its tensors are called: the file gets its names.
+    renamed = helpers.save_npz(tmp_path / "renamed.npz", {f"site_b/{k}": v for k, v in tensors[1].items()})
+    ok(cli("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(renamed), "--out",
+           str(tmp_path / "b.npz")))
+    result = dict(np.load(tmp_path / "b.npz"))
+    assert list(result) == [f"site_b/{k}" for k in tensors[1]]
+    helpers.assert_close_to_average({k.removeprefix("site_b/"): v for k, v in result.items()},
+                                    helpers.weighted_average(tensors, [1, 1]), atol=1e-6, template=tensors[1])
+
+
+# -- cancel and list --------------------------------------------------------------------------------------
+
+
+def test_round_cancel_and_list(cli, cli_popen, serve_process, keydir, npz_models, tmp_path):
+    state = tmp_path / "state"
+    server = serve_process(state, extra=SMALL_COHORT)
+    a = server.address
+    paths, _ = npz_models(3)
+    ck = str(keydir / "client.key")
+    for round_id, clients in (("r1", "3"), ("r2", "1")):
+        ok(cli("round", "create", "--server", a, "--round", round_id, "--clients", clients, "--template",
+               str(paths[0])))
+    ok(cli("submit", "--server", a, "--round", "r1", "--key", ck, "--client-id", "site-0", "--model", str(paths[0])))
+    ok(cli("submit", "--server", a, "--round", "r2", "--key", ck, "--client-id", "site-0", "--model", str(paths[0])))
+    assert (state / "rounds" / "r1" / "accepted" / "site-0").is_file()
+    fetch = cli_popen("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(paths[0]), "--out",
+                      str(tmp_path / "g.npz"), "--wait", "600")
+    try:
+        # Give the fetch time to reach its wait (if it is slower, it fails the same way; the wake-up
+        # itself is tested in tests/test_rounds.py).
+        threading.Event().wait(2.0)
+        cancelled = json.loads(ok(cli("round", "cancel", "--server", a, "--round", "r1", "--reason",
+                                      "site-2 left the federation")).stdout)
+    finally:
+        fetched = finish(fetch, timeout=120)  # far less than its --wait: nobody waits for a cancelled round
+    assert (cancelled["state"], cancelled["submitted"], cancelled["expected"]) == ("failed", 1, 3)
+    assert cancelled["reason"] == "cancelled: site-2 left the federation; accepted from: site-0"
+    one_line_error(fetched, "round 'r1' failed: cancelled: site-2 left the federation")
+    assert not (tmp_path / "g.npz").exists()
+    assert not (state / "rounds" / "r1" / "accepted").exists()  # deleted like any failed round's updates
+    one_line_error(cli("submit", "--server", a, "--round", "r1", "--key", ck, "--client-id", "site-1", "--model",
+                       str(paths[1])), "round 'r1' is failed")
+    one_line_error(cli("round", "cancel", "--server", a, "--round", "r2"),
+                   "round 'r2' is already closed; only a collecting round can be cancelled")
+    one_line_error(cli("round", "cancel", "--server", a, "--round", "nope"), "no round 'nope'")
+
+    listed = json.loads(ok(cli("round", "list", "--server", a)).stdout)["rounds"]
+    assert [(r["round_id"], r["state"], r["submitted"], r["expected"]) for r in listed] == [
+        ("r1", "failed", 1, 3), ("r2", "closed", 1, 1)]
+    assert listed[0]["reason"] == cancelled["reason"] and listed[0]["created_unix"] <= listed[1]["created_unix"]
+
+    # Durable: after a SIGKILL and a restart the round is still cancelled.
+    server.kill()
+    again = serve_process(state, extra=SMALL_COHORT)
+    assert json.loads(ok(cli("round", "list", "--server", again.address)).stdout)["rounds"] == listed
+    one_line_error(cli("fetch", "--server", again.address, "--round", "r1", "--key", ck, "--template", str(paths[0]),
+                       "--out", str(tmp_path / "g.npz")), "round 'r1' failed: cancelled: site-2 left the federation")

@@ -1,5 +1,5 @@
-"""Faults: a SIGKILL of ``secagg serve`` at a random moment of a round with concurrent clients, and
-rounds whose clients drop out before the deadline.
+"""Faults: a SIGKILL of ``secagg serve`` at a random moment of a round with concurrent clients,
+rounds whose clients drop out before the deadline, and sites started before the aggregator.
 
 The kill trials are a short version of ``benchmarks/faults.py``: whenever the aggregator dies
 (before any submission, mid-stream, between submissions, after the round closed) and comes back on
@@ -9,7 +9,10 @@ exactly once, and the average is exact. The delays come from a seeded RNG; nothi
 
 from __future__ import annotations
 
+import json
 import random
+import socket
+import subprocess
 import threading
 import types
 
@@ -17,8 +20,9 @@ import numpy as np
 import pytest
 
 import secagg
-from secagg.errors import RoundStateError, TransportError
-from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND
+from secagg.errors import AuthError, RoundNotFoundError, RoundStateError, TransportError
+from secagg.packing import ModelSpec
+from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig
 from secagg.transport.client import AggregatorClient
 
 
@@ -55,9 +59,10 @@ class Client(threading.Thread):
                 self.receipt = secagg.submit(*self.args, progress=self.progress, retry_for=60.0)
                 return
             except TransportError as exc:
-                # secagg.submit resends its update for 60 s, but its first call (GetRound) is not
-                # retried: a site that starts while the aggregator is down fails before sending
-                # anything, and starting it again is safe.
+                # secagg.submit retries its first call (GetRound) while nothing answers and resends
+                # its update for 60 s, but a kill in the middle of that first call breaks a connection
+                # the way a refused TLS handshake does, which is not retried: the site fails before
+                # sending anything, and starting it again is safe.
                 if self.sent_chunks or self.restarts >= 100:
                     self.error = exc
                     return
@@ -170,3 +175,75 @@ def test_above_quorum_closes_at_the_deadline_with_the_survivors(serve_process, c
     assert abs(average.total_weight - sum(weights[:4])) < 1e-6 * sum(weights[:4])
     status = secagg.round_status(server.address, "survivors")
     assert (status.state, status.submitted) == ("closed", 4)
+
+
+# -- a site that starts before the aggregator ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_submit_and_fetch_started_before_the_aggregator(serve_process, server_key, keypair, npz_models, tmp_path,
+                                                          cli_popen, helpers):
+    """README: `secagg submit` keeps trying for up to 60 s when the aggregator is unreachable; so does fetch."""
+    paths, tensors = npz_models(1)
+    state = tmp_path / "state"
+    # The round exists in the aggregator's state directory, but no aggregator runs yet.
+    Aggregator(server_key, state, min_cohort=1).create_round(
+        RoundConfig("early", ModelSpec.of(tensors[0]), 1, 1, None))
+    address = f"127.0.0.1:{_free_port()}"
+    key = str(keypair.client)
+    submit = cli_popen("submit", "--server", address, "--round", "early", "--key", key, "--client-id", "site-0",
+                       "--model", str(paths[0]), "--weight", "3")
+    fetch = cli_popen("fetch", "--server", address, "--round", "early", "--key", key, "--template", str(paths[0]),
+                      "--out", str(tmp_path / "global.npz"), "--wait", "120")
+    try:
+        # Both commands are running and have found nothing listening (they have nothing to print yet).
+        threading.Event().wait(4.0)
+        assert submit.poll() is None and fetch.poll() is None
+        serve_process(state, listen=address, extra=("--min-cohort", "1"))
+    finally:
+        submitted, fetched = _finish(submit), _finish(fetch)
+    assert submitted.returncode == 0, submitted.stderr
+    receipt = json.loads(submitted.stdout)
+    assert (receipt["submitted"], receipt["already_accepted"]) == (1, False)
+    assert fetched.returncode == 0, fetched.stderr
+    helpers.assert_close_to_average(secagg.read_model(tmp_path / "global.npz"),
+                                    helpers.weighted_average(tensors, [3.0]), atol=1e-6, template=tensors[0])
+
+
+def test_errors_that_cannot_heal_are_not_retried(monkeypatch, mtls_server, server, keypair, pki, npz_models):
+    """Only an aggregator that does not answer is tried again: a wrong CA, a refused certificate or an unknown
+    round fail at the first attempt, even with a long retry_for."""
+    paths, _ = npz_models(1)
+    pauses: list[float] = []
+    monkeypatch.setattr(secagg.api.time, "sleep", pauses.append)
+    wrong_ca = secagg.ClientTLS(pki.other_ca, pki.certs["site0"].cert, pki.certs["site0"].key)
+    with pytest.raises(TransportError, match="not issued by --tls-ca"):
+        secagg.submit(mtls_server.address, "r1", keypair.client, "site0", paths[0], retry_for=3600, tls=wrong_ca)
+    with pytest.raises(TransportError, match="give --tls-cert and --tls-key"):
+        secagg.fetch_average(mtls_server.address, "r1", keypair.client, retry_for=3600, tls=pki.client(None))
+    with pytest.raises(RoundNotFoundError):
+        secagg.submit(server.address, "nope", keypair.client, "a", paths[0], retry_for=3600)
+    secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3, tls=pki.client("admin"))
+    with pytest.raises(AuthError, match="certificate is for 'site0'"):
+        secagg.submit(mtls_server.address, "r1", keypair.client, "site1", paths[0], retry_for=3600,
+                      tls=pki.client("site0"))
+    assert pauses == []
+    # An aggregator that does not answer is tried again until retry_for runs out.
+    dead = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(TransportError, match=f"cannot reach the aggregator at {dead}"):
+        secagg.submit(dead, "r1", keypair.client, "a", paths[0], retry_for=1.0)
+    assert pauses and all(p > 0 for p in pauses)

@@ -1,4 +1,4 @@
-"""Named tensors <-> flat vector, and the model spec that identifies an architecture."""
+"""Named tensors <-> flat vector, and the model spec that identifies an architecture by structure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from secagg.errors import ModelFormatError
-from secagg.packing import ModelSpec, TensorSpec, flatten, unflatten
+from secagg.packing import ModelSpec, ModelTensors, TensorSpec, flatten, unflatten
+
+FIX = ("Names may differ; the layers must be the same kinds and sizes in the same order: build every site's model "
+       "with the same code as the round's template.")
 
 
 def _model(rng):
@@ -69,10 +72,71 @@ def test_flatten_and_unflatten_refuse_a_mismatch(rng):
     tensors = _model(rng)
     spec = ModelSpec.of(tensors)
     other = dict(tensors, odd=tensors["odd"].T.copy())
-    with pytest.raises(ModelFormatError, match=r"tensor 'odd' has shape \(13, 7\), expected \(7, 13\)"):
+    with pytest.raises(ModelFormatError) as info:
         flatten(spec, other)
+    assert str(info.value) == ("model does not match the round's architecture at tensor 2 of 9: the round has 'odd' "
+                               "(7, 13) float64, this model has 'odd' (13, 7) float64. " + FIX)
     with pytest.raises(ModelFormatError, match="vector has 3 values"):
         unflatten(spec, np.zeros(3), tensors)
+    with pytest.raises(ModelFormatError, match=r"the template does not match the round's architecture at tensor 2 "
+                                               r"of 9: the round has 'odd' \(7, 13\) float64, the template has"):
+        unflatten(spec, flatten(spec, tensors), other)
+
+
+def _renamed(tensors, prefix="m1_"):
+    """The same tensors (same order and values) under other names, as a second model of one notebook gets."""
+    return {prefix + name: arr for name, arr in tensors.items()}
+
+
+def test_models_match_by_position_not_name(rng):
+    tensors = _model(rng)
+    spec = ModelSpec.of(tensors)
+    renamed = _renamed(tensors)
+    np.testing.assert_array_equal(flatten(spec, renamed), flatten(spec, tensors))
+    # The average comes back under the template's names, in its order, whatever names the round has.
+    back = unflatten(spec, flatten(spec, tensors), renamed)
+    assert list(back) == list(renamed)
+    np.testing.assert_array_equal(back["m1_odd"], tensors["odd"])
+    np.testing.assert_array_equal(back["m1_counter"], renamed["m1_counter"])
+    # The same names in another order are another architecture: position decides.
+    swapped = dict(reversed(list(tensors.items())))
+    with pytest.raises(ModelFormatError, match=r"at tensor 1 of 9: the round has 'conv/kernel' \(3, 3, 2, 5\) "
+                                               r"float32, this model has 'ints' \(2, 3\) int32"):
+        flatten(spec, swapped)
+
+
+def test_layer_types_are_compared_where_both_sides_know_them():
+    w = {"lstm/kernel": np.zeros((4, 8), np.float32), "dense/kernel": np.zeros((8, 1), np.float32)}
+    keras_like = ModelTensors(w, {"lstm/kernel": "LSTM", "dense/kernel": "Dense"})
+    spec = ModelSpec.of(keras_like)
+    assert [t.layer_type for t in spec.tensors] == ["LSTM", "Dense"]
+    # Another model of the same layers, other names: it matches.
+    other = ModelTensors(_renamed(w), {"m1_lstm/kernel": "LSTM", "m1_dense/kernel": "Dense"})
+    assert spec.matches(ModelSpec.of(other)) and ModelSpec.of(other).hash == spec.hash
+    # Same shapes, but a GRU where the round has an LSTM: refused, naming both layer types.
+    gru = ModelTensors(_renamed(w), {"m1_lstm/kernel": "GRU", "m1_dense/kernel": "Dense"})
+    with pytest.raises(ModelFormatError) as info:
+        flatten(spec, gru)
+    assert str(info.value) == ("model does not match the round's architecture at tensor 1 of 2: the round has "
+                               "'lstm/kernel' (4, 8) float32 (LSTM), this model has 'm1_lstm/kernel' (4, 8) float32 "
+                               "(GRU). " + FIX)
+    # A model without layer types (a plain dict, an npz) is compared on shapes and dtypes only.
+    np.testing.assert_array_equal(flatten(spec, dict(w)), np.zeros(40))
+    assert spec.matches(ModelSpec.of(w)) and ModelSpec.of(w).matches(spec)
+
+
+def test_different_tensor_counts_are_named_with_both_sides():
+    spec = _spec(("a", (2, 3), "float32"), ("b", (4,), "float32"), ("c", (1,), "float32"))
+    fewer = {"x": np.zeros((2, 3), np.float32), "y": np.zeros(4, np.float32)}
+    with pytest.raises(ModelFormatError) as info:
+        flatten(spec, fewer)
+    assert str(info.value) == ("model does not match the round's architecture at tensor 3 of 3 (the round has 3 "
+                               "tensors, this model has 2): the round has 'c' (1,) float32, this model has no tensor "
+                               "there. " + FIX)
+    more = dict(fewer, z=np.zeros(1, np.float32), extra=np.zeros(2, np.float64))
+    with pytest.raises(ModelFormatError, match=r"at tensor 4 of 3 \(the round has 3 tensors, this model has 4\): the "
+                                               r"round has no tensor there, this model has 'extra' \(2,\) float64"):
+        flatten(spec, more)
 
 
 def test_float_dtypes_round_trip_exactly():
@@ -87,16 +151,27 @@ def _spec(*rows):
     return ModelSpec(tuple(TensorSpec(n, tuple(s), d) for n, s, d in rows))
 
 
-def test_spec_hash_changes_with_name_shape_dtype_and_order():
+def _typed(*rows):
+    return ModelSpec(tuple(TensorSpec(n, tuple(s), d, lt) for n, s, d, lt in rows))
+
+
+def test_spec_hash_is_structural_not_by_name():
     base = _spec(("a", (2, 3), "float32"), ("b", (4,), "float32"))
     same = _spec(("a", (2, 3), "float32"), ("b", (4,), "float32"))
     assert base == same and base.hash == same.hash and len(base.hash) == 64
+    # Keras' auto-numbered names (lstm, lstm_1, ...) do not change the hash.
+    renamed = _spec(("lstm_1/kernel", (2, 3), "float32"), ("dense_1/bias", (4,), "float32"))
+    assert renamed.hash == base.hash and renamed.matches(base) and renamed != base
+    typed = _typed(("a", (2, 3), "float32", "LSTM"), ("b", (4,), "float32", "Dense"))
+    assert _typed(("x", (2, 3), "float32", "LSTM"), ("y", (4,), "float32", "Dense")).hash == typed.hash
     variants = {
-        "name": _spec(("a", (2, 3), "float32"), ("c", (4,), "float32")),
+        "layer type": _typed(("a", (2, 3), "float32", "GRU"), ("b", (4,), "float32", "Dense")),
+        "layer types known": typed,
         "shape": _spec(("a", (3, 2), "float32"), ("b", (4,), "float32")),
         "rank": _spec(("a", (6,), "float32"), ("b", (4,), "float32")),
         "dtype": _spec(("a", (2, 3), "float64"), ("b", (4,), "float32")),
         "order": _spec(("b", (4,), "float32"), ("a", (2, 3), "float32")),
+        "wrapper": _typed(("a", (2, 3), "float32", "Bidirectional/LSTM"), ("b", (4,), "float32", "Dense")),
         "extra": _spec(("a", (2, 3), "float32"), ("b", (4,), "float32"), ("n", (), "int64")),
     }
     hashes = {k: v.hash for k, v in variants.items()}
@@ -108,20 +183,38 @@ def test_spec_json_round_trip_and_malformed():
     spec = _spec(("a", (2, 3), "float32"), ("s", (), "float64"), ("n", (0,), "int64"))
     again = ModelSpec.from_json(spec.to_json())
     assert again == spec and again.hash == spec.hash
-    for bad in ("not json", '[["a", 3, "float32"]]', "[1, 2]"):
+    typed = _typed(("lstm/kernel", (2, 3), "float32", "Bidirectional/LSTM"), ("n", (), "int64", ""))
+    assert typed.to_json() == '[["lstm/kernel",[2,3],"float32","Bidirectional/LSTM"],["n",[],"int64"]]'
+    again = ModelSpec.from_json(typed.to_json())
+    assert again == typed and again.hash == typed.hash
+    # Rows of three (specs of rounds created before layer types) still load, with unknown types.
+    old = ModelSpec.from_json('[["a",[2,3],"float32"],["s",[],"float64"]]')
+    assert [t.layer_type for t in old.tensors] == ["", ""]
+    for bad in ("not json", '[["a", 3, "float32"]]', "[1, 2]", '[["a", [1], "float32", 5]]',
+                '[["a", [1], "float32", "LSTM", "x"]]', '[["a", [1]]]', '[["a", [1], "float32", "LS\\nTM"]]',
+                '[["a", [1], "float32", "%s"]]' % ("L" * 201), '[["a", [1], "float32"], ["a", [2], "float32"]]',
+                '[["a", [1099511627776, 2], "float32"]]'):
         with pytest.raises(ModelFormatError, match="malformed model spec"):
             ModelSpec.from_json(bad)
 
 
 def test_describe_difference_messages():
     base = _spec(("a", (2, 3), "float32"), ("b", (4,), "float32"))
-    assert base.describe_difference(base) == "specs are identical"
-    assert base.describe_difference(_spec(("a", (2, 3), "float32"))) == "tensor 'b' is missing"
+    assert base.describe_difference(base) == "the architectures match"
+    assert base.describe_difference(_spec(("x", (2, 3), "float32"), ("y", (4,), "float32"))) == "the architectures match"
+    assert (base.describe_difference(_spec(("a", (2, 3), "float32")))
+            == "at tensor 2 of 2 (the round has 2 tensors, this model has 1): the round has 'b' (4,) float32, "
+               "this model has no tensor there")
     assert (base.describe_difference(_spec(("a", (2, 3), "float32"), ("b", (4,), "float32"), ("c", (1,), "float32")))
-            == "unexpected tensor 'c'")
+            == "at tensor 3 of 2 (the round has 2 tensors, this model has 3): the round has no tensor there, "
+               "this model has 'c' (1,) float32")
     assert (base.describe_difference(_spec(("b", (4,), "float32"), ("a", (2, 3), "float32")))
-            == "tensor order differs at 'a' vs 'b'")
+            == "at tensor 1 of 2: the round has 'a' (2, 3) float32, this model has 'b' (4,) float32")
     assert (base.describe_difference(_spec(("a", (3, 2), "float32"), ("b", (4,), "float32")))
-            == "tensor 'a' has shape (3, 2), expected (2, 3)")
-    assert (base.describe_difference(_spec(("a", (2, 3), "float32"), ("b", (4,), "float16")))
-            == "tensor 'b' has dtype float16, expected float32")
+            == "at tensor 1 of 2: the round has 'a' (2, 3) float32, this model has 'a' (3, 2) float32")
+    assert (base.describe_difference(_spec(("a", (2, 3), "float32"), ("b", (4,), "float16")), "site1.npz", "site2.npz")
+            == "at tensor 2 of 2: site1.npz has 'b' (4,) float32, site2.npz has 'b' (4,) float16")
+    typed = _typed(("lstm/bias", (32,), "float32", "LSTM"), ("dense/kernel", (8, 1), "float32", "Dense"))
+    assert (typed.describe_difference(_typed(("gru/bias", (32,), "float32", "GRU"), ("d/kernel", (8, 1), "float32", "")))
+            == "at tensor 1 of 2: the round has 'lstm/bias' (32,) float32 (LSTM), this model has 'gru/bias' (32,) "
+               "float32 (GRU)")

@@ -510,3 +510,128 @@ def test_model_larger_than_max_params_is_refused(server_key, tmp_path, clock):
         small.create_round(cfg)
     assert not (tmp_path / "small" / "rounds" / "r1").exists()
     assert Aggregator(server_key, tmp_path / "big", clock=clock, min_cohort=1).create_round(cfg).state == "collecting"
+
+
+# -- cancel and list ---------------------------------------------------------------------------------
+
+
+class Counting:
+    """A RoundObserver that counts failures (what the metrics do)."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def round_created(self, round_id):
+        pass
+
+    def round_closed(self, round_id, contributions, seconds):
+        pass
+
+    def round_failed(self, round_id, seconds):
+        self.failed.append(round_id)
+
+
+def test_cancel_a_round_that_can_never_complete(server_key, tmp_path, client_key, clock, models):
+    observer = Counting()
+    agg = Aggregator(server_key, tmp_path / "state", clock=clock, min_cohort=1, observer=observer)
+    cfg = config(clients=3)
+    agg.create_round(cfg)
+    ms = models(2)
+    submit(agg, client_key, cfg, "bravo", ms[0], 1.0)
+    header, chunks = update(client_key, cfg, "alpha", ms[1], 1.0)
+    agg.submit(header, iter(chunks))
+    assert len(list((agg.state_dir / "rounds" / "r1" / "accepted").iterdir())) == 2
+
+    s = agg.cancel_round("r1", "site charlie is gone\nfor good", by="ops")
+    assert (s.state, s.submitted, s.clients) == ("failed", 2, ("alpha", "bravo"))
+    assert s.reason == "cancelled: site charlie is gone for good (by ops); accepted from: alpha, bravo"
+    assert observer.failed == ["r1"]  # a cancelled round counts as failed
+    # The individual updates are deleted, as for any failed round.
+    assert not (agg.state_dir / "rounds" / "r1" / "accepted").exists()
+    with pytest.raises(RoundStateError, match=r"round 'r1' failed: cancelled: site charlie is gone for good"):
+        agg.aggregate("r1")
+    with pytest.raises(RoundStateError, match="round 'r1' is failed .* it accepts no more updates"):
+        submit(agg, client_key, cfg, "charlie", models(1)[0], 1.0)
+    # A resend of an update it had accepted is still acknowledged (the reply may have been lost).
+    assert agg.submit(header, iter(chunks)).already_accepted
+    # Cancelling twice, or a closed round, is refused and changes nothing.
+    with pytest.raises(RoundStateError, match=r"round 'r1' is already failed \(cancelled: site charlie .*\); only a "
+                                              r"collecting round can be cancelled"):
+        agg.cancel_round("r1", "again")
+    with pytest.raises(RoundNotFoundError, match="no round 'nope'"):
+        agg.cancel_round("nope")
+    agg.create_round(config(round_id="r2", clients=1))
+    with pytest.raises(SecAggError, match="at most 500"):
+        agg.cancel_round("r2", "x" * 501)
+    assert agg.status("r2").state == "collecting"
+    assert observer.failed == ["r1"]
+
+    # Durable: a restart finds the round failed with its reason.
+    again = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
+    s = again.status("r1")
+    assert s.state == "failed" and s.reason.startswith("cancelled: site charlie is gone for good (by ops)")
+    with pytest.raises(RoundStateError, match="cancelled: site charlie"):
+        again.aggregate("r1")
+
+
+def test_cancel_a_closed_round_is_refused(agg, client_key, models):
+    cfg = config(clients=1)
+    agg.create_round(cfg)
+    submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
+    with pytest.raises(RoundStateError, match="round 'r1' is already closed; only a collecting round can be cancelled"):
+        agg.cancel_round("r1", "too late")
+    assert agg.status("r1").state == "closed" and agg.aggregate("r1").contributions == 1
+
+
+def test_cancel_wakes_a_waiting_fetch(server_key, tmp_path, client_key, models):
+    import threading
+
+    waiting = threading.Event()
+    main = threading.get_ident()
+
+    def clock() -> float:  # read by the waiting fetch, with the round's lock held, before it waits
+        if threading.get_ident() != main:
+            waiting.set()
+        return 1_000_000.0
+
+    agg = Aggregator(server_key, tmp_path / "state", clock=clock, min_cohort=1)
+    cfg = config(clients=2, deadline=2_000_000.0)
+    agg.create_round(cfg)
+    submit(agg, client_key, cfg, "a", models(1)[0], 1.0)
+    outcome: list[Exception | None] = []
+    fetcher = threading.Thread(target=lambda: outcome.append(_raised(lambda: agg.aggregate("r1", wait=600))))
+    fetcher.start()
+    assert waiting.wait(60)
+    agg.cancel_round("r1", "b left")  # takes the lock, so the fetcher is waiting on the round by now
+    fetcher.join(60)
+    assert not fetcher.is_alive()
+    assert isinstance(outcome[0], RoundStateError) and "round 'r1' failed: cancelled: b left" in str(outcome[0])
+
+
+def _raised(call) -> Exception | None:
+    try:
+        call()
+    except Exception as exc:  # the test inspects it
+        return exc
+    return None
+
+
+def test_list_rounds(agg, server_key, client_key, clock, models):
+    assert agg.list_rounds() == []
+    c1, c2, c3 = config("r-b", clients=1), config("r-a", clients=2), config("r-c", clients=2, min_clients=2,
+                                                                             deadline=clock.now + 5)
+    for cfg in (c1, c2, c3):
+        agg.create_round(cfg)
+        clock.now += 1
+    submit(agg, client_key, c1, "s", models(1)[0], 1.0)
+    submit(agg, client_key, c2, "s", models(1)[0], 1.0)
+    clock.now += 10  # r-c's deadline passes: listing applies it
+    rounds = agg.list_rounds()
+    assert [(r.round_id, r.state, r.submitted, r.expected) for r in rounds] == [
+        ("r-b", "closed", 1, 1), ("r-a", "collecting", 1, 2), ("r-c", "failed", 0, 2)]
+    assert [r.created_unix for r in rounds] == [1_000_000.0, 1_000_001.0, 1_000_002.0]
+    assert "fewer than the minimum 2" in rounds[2].reason and rounds[0].reason == ""
+    assert rounds[0].to_json_dict() == {"round_id": "r-b", "state": "closed", "submitted": 1, "expected": 1,
+                                        "created_unix": 1_000_000.0, "reason": ""}
+    again = Aggregator(server_key, agg.state_dir, clock=clock, min_cohort=1)
+    assert again.list_rounds() == rounds

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 import secagg
-from secagg.errors import AuthError, KeyFileError, RoundNotFoundError, SecAggError, TransportError
+from secagg.errors import AuthError, KeyFileError, RoundNotFoundError, RoundStateError, SecAggError, TransportError
 from secagg.transport.client import AggregatorClient
 
 FLOATS = ("dense/kernel", "dense/bias", "odd", "out/kernel")
@@ -303,3 +303,29 @@ def test_merge_under_mutual_tls_needs_one_admin_site(mtls_server, keypair, pki, 
     pooled = np.log1p(np.concatenate(values))
     for scaler in results.values():
         np.testing.assert_allclose(scaler.mean, pooled.mean(axis=0), atol=1e-6)
+
+
+def test_cancel_is_admin_only_and_list_is_for_every_site(mtls_server, keypair, pki, npz_models):
+    paths, _ = npz_models(1)
+    address = mtls_server.address
+    secagg.create_round(address, "r1", template=paths[0], clients=3, tls=pki.client("admin"))
+    secagg.submit(address, "r1", keypair.client, "site1", paths[0], tls=pki.client("site1"))
+    with pytest.raises(AuthError, match="certificate 'site0' may not cancel rounds: that needs an admin certificate"):
+        secagg.cancel_round(address, "r1", "site0 would rather stop", tls=pki.client("site0"))
+    with pytest.raises(TransportError, match="give --tls-cert and --tls-key"):
+        secagg.cancel_round(address, "r1", tls=pki.client(None))
+    assert secagg.round_status(address, "r1", tls=pki.client("site0")).state == "collecting"
+    # Any site may list the rounds (as any site may read a round's status).
+    listed = secagg.list_rounds(address, tls=pki.client("site2"))
+    assert [(r.round_id, r.state, r.submitted, r.expected) for r in listed] == [("r1", "collecting", 1, 3)]
+    assert listed[0].created_unix is not None
+
+    s = secagg.cancel_round(address, "r1", "wrong template", tls=pki.client("admin"))
+    assert (s.state, s.clients) == ("failed", ("site1",))
+    assert s.reason == "cancelled: wrong template (by admin); accepted from: site1"
+    with pytest.raises(RoundStateError, match="round 'r1' is already failed"):
+        secagg.cancel_round(address, "r1", tls=pki.client("admin"))
+    with pytest.raises(RoundStateError, match="round 'r1' failed: cancelled: wrong template"):
+        secagg.fetch_average(address, "r1", keypair.client, wait=30, tls=pki.client("site2"))
+    assert [r.state for r in secagg.list_rounds(address, tls=pki.client("site0"))] == ["failed"]
+    assert mtls_server.metrics.registry.get_sample_value("secagg_rounds_failed_total") == 1  # cancelled = failed

@@ -214,7 +214,8 @@ def test_other_architecture(sealed_update, server, keypair, client_key, round3, 
     layout = dict(helpers.SMALL_LAYOUT, odd=((7,), "float32"))
     other = helpers.random_tensors(rng, layout)
     path = helpers.save_npz(tmp_path / "other.npz", other)
-    with pytest.raises(ModelFormatError, match="tensor 'odd' has dtype float32, expected float64"):
+    with pytest.raises(ModelFormatError, match=r"at tensor 3 of 5: the round has 'odd' \(7,\) float64, this model has "
+                                               r"'odd' \(7,\) float32\. Names may differ; the layers must be the same"):
         secagg.submit(server.address, "r1", keypair.client, "a", path)
     header, chunks = sealed_update(client_key, status, "a", other)
     with AggregatorClient(server.address) as c, pytest.raises(EnvelopeError, match=r"spec hash differs") as info:

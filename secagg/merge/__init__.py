@@ -1,11 +1,12 @@
 """Merging independently trained models into one global model.
 
-:mod:`secagg.merge.network` gives a framework-independent numpy view of a recurrent regression
-network (Keras LSTM/GRU + Dense chains, PyTorch state dicts following the documented
-convention) that writes back to the exact model tensors; :mod:`secagg.merge.align` aligns hidden
-units between such networks by permutation (weight or activation matching). Neither imports
-TensorFlow or torch until a model file of that framework is read; alignment needs SciPy.
-``SequenceRegressor`` (the PyTorch module of the convention) is created on first access.
+:mod:`secagg.merge.network` gives a framework-independent numpy view of a forecasting network
+(Keras models from their files; PyTorch models from the user's ``nn.Module``), checked against the
+framework's own forward pass, that writes back to the exact model tensors;
+:mod:`secagg.merge.align` aligns hidden units between such networks by permutation (weight or
+activation matching). Neither imports TensorFlow or torch until a model of that framework is
+read; alignment needs SciPy. ``SequenceRegressor`` (a reference PyTorch forecaster) is created on
+first access.
 """
 
 from secagg.merge.align import (
@@ -17,25 +18,37 @@ from secagg.merge.align import (
     permute_units,
 )
 from secagg.merge.network import (
+    Activation,
+    BatchNorm,
+    Bidirectional,
     Dense,
+    LastStep,
     Network,
+    Normalization,
     Recurrent,
+    SiteModel,
     load_network,
     make_torch_regressor,
-    network_from_tensors,
+    open_model,
 )
 
 __all__ = [
+    "Activation",
+    "BatchNorm",
+    "Bidirectional",
     "Dense",
+    "LastStep",
     "Network",
+    "Normalization",
     "Recurrent",
+    "SiteModel",
     "activation_correlation",
     "apply_permutations",
     "load_network",
     "make_torch_regressor",
     "match_activations",
     "match_weights",
-    "network_from_tensors",
+    "open_model",
     "permutable_layers",
     "permute_units",
 ]
@@ -44,7 +57,7 @@ __all__ = [
 def __getattr__(name: str):
     # Created on first use: importing secagg.merge needs no torch.
     if name == "SequenceRegressor":
-        from secagg.merge.network import _regressor_class
+        from secagg.merge.torch_view import regressor_class
 
-        return _regressor_class()
+        return regressor_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

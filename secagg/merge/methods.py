@@ -8,20 +8,27 @@ averages back. What a site contributes, per method:
                matched on the correlation of hidden activations on its own data (Hungarian).
                Round 0's reference is the plain average; each further round re-aligns to the
                latest global model.
-* ``regmean``  per linear map (every LSTM layer's gates are a linear map of [x_t, h_{t-1}, 1];
-               every Dense layer's output of [input, 1]): the Gram matrix G = X^T X / n of its
-               inputs and G W. Clients solve W = (sum G')^-1 sum G W, where G' has off-diagonal
-               terms shrunk by ``alpha`` (RegMean, Jin et al. 2023).
+* ``regmean``  per linear map (every LSTM layer's gates are a linear map of [x_t, h_{t-1}, 1], per
+               direction of a Bidirectional LSTM; every Dense layer's output of [input, 1]): the Gram
+               matrix G = X^T X / n of its inputs and G W. Clients solve W = (sum G')^-1 sum G W,
+               where G' has off-diagonal terms shrunk by ``alpha`` (RegMean, Jin et al. 2023). Layers
+               that are not such maps (GRU, normalization statistics) get the weighted average of
+               their aligned weights in the same exchange.
 * ``readout``  H^T H / n and H^T y / n, H being the current global model's last hidden features
                on its own training data; the output layer is refit in closed form (ridge).
 * ``linear``   X^T X / n and X^T y / n of its flattened input windows: a ridge model pooled
                across sites, exactly what pooling the data would give a linear model.
-* ``auto``     builds candidates (mean+readout, align+readout, align+regmean+readout), then
-               its mean squared error of every candidate on its own validation data; the
-               candidate with the lowest pooled error wins (secure model selection).
+* ``auto``     builds candidates (mean, align, align+regmean, align+repair, each with and without
+               a readout refit), drops those that diverge at any site, then scores the rest on
+               every site's validation data; the lowest pooled error wins (secure model selection).
 
 Sums of statistics are encrypted weighted averages with the sample count as weight, which is
 the pooled statistic divided by the total count; ridge solutions are unchanged by that factor.
+
+A statistic that cannot be sent (not finite, or beyond the exchange's value bound, e.g. a
+candidate whose activations blew up) is sent as zeros with a flag of 0 in the same exchange. The
+pooled flag is below 1 exactly when some site could not send, and every site sees the same pooled
+flag, so all of them drop that candidate together.
 """
 
 from __future__ import annotations
@@ -32,10 +39,13 @@ from collections.abc import Callable
 import numpy as np
 
 from secagg.errors import SecAggError
+from secagg.merge.layers import Bidirectional, Dense, Recurrent, describe
 from secagg.merge.protocol import Exchange, SiteProtocol
 
 STATS_BOUND = 1e4  # |value| bound for statistics exchanges (normalized data gives entries of order 1-100)
+SCORE_BOUND = 1e3  # validation MSE above this (in normalized units) counts as diverged
 RIDGE = 1e-3
+_OK = 0.999  # a pooled flag at or above this: every site could send (CKKS keeps it within 1e-6 of 1)
 
 
 @dataclasses.dataclass
@@ -54,6 +64,11 @@ class Site:
     match_samples: int = 2048
     stats_samples: int = 4096  # windows per site for readout statistics (an evenly spaced subsample)
     aligned: "object" = None  # set by align(): this site's model permuted to the global model's unit order
+    #: (network, x, what) -> largest difference: compares a network's forward pass with the framework's own and
+    #: raises ForwardMismatchError if they differ (secagg.merge.network.SiteModel.check). None: no framework here.
+    check: Callable[["object", np.ndarray, str], object] | None = None
+    #: Told about every step of the method as it starts: (step name, detail). For progress output.
+    report: Callable[[str, str], None] | None = None
 
     def __post_init__(self) -> None:
         if self.y.ndim == 1:
@@ -85,6 +100,15 @@ class Site:
     def _spaced(self, k: int) -> np.ndarray:
         return np.unique(np.linspace(0, len(self.x_train) - 1, min(k, len(self.x_train))).astype(int))
 
+    def verify(self, net, what: str) -> None:
+        """The framework's own forward pass must agree with ``net``'s on this site's validation data."""
+        if self.check is not None:
+            self.check(net, self.x_val, what)
+
+    def step(self, name: str, detail: str = "") -> None:
+        if self.report is not None:
+            self.report(name, detail)
+
 
 # -- building blocks ------------------------------------------------------------------------------
 
@@ -97,6 +121,7 @@ def mean(site: Site, net=None, name: str = "mean", reference=None) -> SiteProtoc
     """
     net = site.network if net is None else net
     ref = None if reference is None else reference.to_tensors()
+    site.step(name, "weighted average of the weights")
     average = yield Exchange(name, net.to_tensors(), site.n, privacy="weights", reference=ref)
     return site.rebuild(average)
 
@@ -124,25 +149,70 @@ def align(site: Site, iterations: int = ALIGN_ITERATIONS, reference=None) -> Sit
     return reference
 
 
-def regmean(site: Site, net=None, alpha: float = 0.9, name: str = "regmean") -> SiteProtocol:
-    """RegMean over encrypted sums of Gram matrices, for every layer of ``net`` (this site's, aligned)."""
+def _flagged(stats: dict[str, np.ndarray], bound: float) -> tuple[dict[str, np.ndarray], float]:
+    """``stats`` and 1.0 if all are finite and within ``bound``; else zeros and 0.0 (see the module docstring)."""
+    ok = all(np.all(np.isfinite(v)) and float(np.max(np.abs(v), initial=0.0)) <= bound for v in stats.values())
+    return (stats, 1.0) if ok else ({k: np.zeros_like(v, dtype=np.float64) for k, v in stats.items()}, 0.0)
+
+
+def _flagged_exchange(site: Site, name: str, stats: dict[str, np.ndarray], what: str, required: bool) -> SiteProtocol:
+    """One statistics exchange with an "ok" flag; the pooled statistics, or None (or an error if ``required``)
+    when some site could not send its own."""
+    stats, ok = _flagged(stats, STATS_BOUND)
+    pooled = yield Exchange(name, {**stats, "ok": np.array([ok])}, site.n, value_bound=STATS_BOUND)
+    if pooled["ok"][0] >= _OK:
+        return pooled
+    if required:
+        raise SecAggError(f"{name}: some site's {what} are not finite or exceed {STATS_BOUND:g} (its activations are "
+                          "too large); use align+readout or auto instead")
+    return None
+
+
+def regmean_problem(net) -> str | None:
+    """Why RegMean cannot merge ``net``, or None."""
+    if not any(_linear_maps(layer) for layer in net.layers):
+        return "the network has no LSTM or Dense layer to merge as a linear map"
+    return None
+
+
+def regmean(site: Site, net=None, alpha: float = 0.9, name: str = "regmean", required: bool = True) -> SiteProtocol:
+    """RegMean over encrypted sums of Gram matrices, for every linear map of ``net`` (this site's, aligned).
+
+    Returns None instead of a network when some site's statistics could not be sent and not
+    ``required`` (``auto`` then drops the candidate); raises otherwise.
+    """
     net = site.network if net is None else net
+    site.step(name, "Gram matrices of every linear map")
     # Every window contributes one row per time step, so a matching-size sample already gives
     # tens of thousands of rows for Gram matrices of a few dozen columns.
-    inputs = net.linear_inputs(site.match_sample())
+    inputs = net.layer_inputs(site.match_sample())
     stats: dict[str, np.ndarray] = {}
-    for i, (layer, rows) in enumerate(zip(net.layers, inputs)):
-        w = _stacked(layer)
-        gram = rows.T @ rows / len(rows)
-        stats[f"g{i}"] = gram
-        stats[f"gw{i}"] = gram @ w
-    pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
+    for i, (layer, inp) in enumerate(zip(net.layers, inputs)):
+        maps = _linear_maps(layer)
+        for key, part in maps:
+            rows = _map_rows(part, inp, key)
+            w = _stacked(part)
+            gram = rows.T @ rows / len(rows)
+            stats[f"g{i}{key}"] = gram
+            stats[f"gw{i}{key}"] = gram @ w
+        if not maps:
+            for role in _weight_roles(layer):
+                stats[f"p{i}.{role}"] = _get(layer, role)
+    pooled = yield from _flagged_exchange(site, name, stats, "Gram matrices", required)
+    if pooled is None:
+        return None
     merged = net
     for i, layer in enumerate(net.layers):
-        g = pooled[f"g{i}"]
-        shrunk = alpha * g + (1 - alpha) * np.diag(np.diag(g))
-        w = np.linalg.solve(shrunk + RIDGE * np.eye(len(g)) * np.trace(g) / len(g), pooled[f"gw{i}"])
-        merged = merged.replace(i, _unstacked(layer, w))
+        maps = _linear_maps(layer)
+        for key, part in maps:
+            g = pooled[f"g{i}{key}"]
+            shrunk = alpha * g + (1 - alpha) * np.diag(np.diag(g))
+            w = np.linalg.solve(shrunk + RIDGE * np.eye(len(g)) * np.trace(g) / len(g), pooled[f"gw{i}{key}"])
+            layer = _with_part(layer, key, _unstacked(part, w))
+        if not maps:
+            for role in _weight_roles(layer):
+                layer = _set(layer, role, pooled[f"p{i}.{role}"])
+        merged = merged.replace(i, layer)
     return merged
 
 
@@ -151,27 +221,45 @@ def fisher(site: Site, net=None, name: str = "fisher", eps: float = 1e-8) -> Sit
     if site.fisher_info is None:
         raise SecAggError("'fisher' needs gradients, which this model format does not support")
     net = site.network if net is None else net
+    site.step(name, "Fisher-weighted weights")
     theta = net.to_tensors()
     info = site.fisher_info(net, site.x_train, site.y_train)
     # Normalize by the site's mean Fisher so one site's loss scale cannot swamp the others; the
     # sample count then weights sites as in the plain average.
-    scale = np.mean(np.concatenate([f.ravel() for f in info.values()])) or 1.0
+    floats = [k for k, v in theta.items() if np.asarray(v).dtype.kind == "f"]
+    scale = np.mean(np.concatenate([info[k].ravel() for k in floats])) or 1.0
     stats = {}
-    for k, v in theta.items():
+    for k in floats:
         f = info[k] / scale
-        stats[f"ft.{k}"] = f * np.asarray(v, dtype=np.float64)
+        stats[f"ft.{k}"] = f * np.asarray(theta[k], dtype=np.float64)
         stats[f"f.{k}"] = f
     pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
-    merged = {k: pooled[f"ft.{k}"] / (pooled[f"f.{k}"] + eps) for k in theta}
-    if any(np.any(pooled[f"f.{k}"] <= eps) for k in theta):
+    merged = dict(theta)
+    merged.update({k: pooled[f"ft.{k}"] / (pooled[f"f.{k}"] + eps) for k in floats})
+    if any(np.any(pooled[f"f.{k}"] <= eps) for k in floats):
         # No site has Fisher mass there (0/eps): use the plain average. Every site sees the same
         # pooled values, so all of them take this extra step together.
         plain = (yield from mean(site, net, name=f"{name}-mean")).to_tensors()
-        merged = {k: np.where(pooled[f"f.{k}"] <= eps, plain[k], merged[k]) for k in theta}
+        merged.update({k: np.where(pooled[f"f.{k}"] <= eps, plain[k], merged[k]) for k in floats})
     return site.rebuild(merged)
 
 
-def repair(site: Site, merged, own=None, name: str = "repair") -> SiteProtocol:
+def repair_problem(net) -> str | None:
+    """Why REPAIR cannot correct ``net``, or None."""
+    bad = [layer for layer in net.layers if not (isinstance(layer, Dense)
+                                                  or isinstance(layer, Recurrent) and layer.kind == "lstm")]
+    if not bad:
+        return None
+    if isinstance(bad[0], Recurrent):
+        why = "a GRU's state enters its candidate gate through the reset gate, so an affine correction cannot be folded in"
+    elif isinstance(bad[0], Bidirectional):
+        why = "its two directions would need corrections of their own, which REPAIR as implemented does not make"
+    else:
+        why = "the correction is folded into the layer that consumes a unit, which must come right after it"
+    return f"'repair' corrects chains of LSTM and Dense layers only, not {describe(bad[0])} ({why})"
+
+
+def repair(site: Site, merged, own=None, name: str = "repair", required: bool = True) -> SiteProtocol:
     """REPAIR (Jordan et al. 2022) for recurrent nets: undo the variance collapse of averaged units.
 
     Averaging aligned but different units shrinks their activations. Every site measures, on its
@@ -180,29 +268,33 @@ def repair(site: Site, merged, own=None, name: str = "repair") -> SiteProtocol:
     restores the sites' average statistics. It is applied where the unit is consumed: the rows of
     the next layer's kernel and of the layer's own recurrent kernel (plus the bias). All hidden
     layers are corrected from one pass (for stacked layers the later statistics are not re-measured).
+    Returns None when some site could not send its statistics and not ``required``.
     """
-    from secagg.merge.network import Recurrent
-
+    problem = repair_problem(merged)
+    if problem:
+        raise SecAggError(problem)
     own = site.network if own is None else own
+    site.step(name, "per-unit activation statistics")
     x = site.match_sample()
     stats = {}
-    hidden = range(len(merged.layers) - 1)
-    for k, (h_own, h_merged) in enumerate(zip(own.hidden_states(x), merged.hidden_states(x))):
-        if k not in hidden:
-            continue
-        for tag, h in (("own", h_own), ("merged", h_merged)):
+    hidden = merged.unit_layers()
+    own_states, merged_states = own.hidden_states(x), merged.hidden_states(x)
+    for k in hidden:
+        for tag, h in (("own", own_states[k]), ("merged", merged_states[k])):
             flat = h.reshape(-1, h.shape[-1])
             stats[f"{tag}.mean{k}"] = flat.mean(axis=0)
             stats[f"{tag}.sq{k}"] = (flat**2).mean(axis=0)
-    pooled = yield Exchange(name, stats, site.n)
+    pooled = yield from _flagged_exchange(site, name, stats, "activation statistics", required)
+    if pooled is None:
+        return None
     net = merged
     for k in hidden:
         mu_t, mu_m = pooled[f"own.mean{k}"], pooled[f"merged.mean{k}"]
         sd_t = np.sqrt(np.maximum(pooled[f"own.sq{k}"] - mu_t**2, 0.0))
         sd_m = np.sqrt(np.maximum(pooled[f"merged.sq{k}"] - mu_m**2, 0.0))
-        ok = sd_m > 1e-6
-        a = np.where(ok, sd_t / np.where(ok, sd_m, 1.0), 1.0)
-        b = np.where(ok, mu_t - a * mu_m, 0.0)
+        ok_units = sd_m > 1e-6
+        a = np.where(ok_units, sd_t / np.where(ok_units, sd_m, 1.0), 1.0)
+        b = np.where(ok_units, mu_t - a * mu_m, 0.0)
         layer = net.layers[k]
         if isinstance(layer, Recurrent):
             layer = dataclasses.replace(layer, recurrent_kernel=a[:, None] * layer.recurrent_kernel,
@@ -216,33 +308,52 @@ def repair(site: Site, merged, own=None, name: str = "repair") -> SiteProtocol:
 
 def readout(site: Site, net, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
     """Refit ``net``'s output layer in closed form from pooled H^T H and H^T y."""
-    fitted = yield from readout_many(site, {"net": net}, name, ridge)
+    problem = net.readout_problem()
+    if problem:
+        raise SecAggError(f"'readout' cannot refit this model: {problem}")
+    fitted, dropped = yield from readout_many(site, {"net": net}, name, ridge)
+    if dropped:
+        raise SecAggError(f"{name}: the global model's features are not finite or too large at some site "
+                          f"({dropped['net']}); the model diverged, so there is nothing to refit")
     return fitted["net"]
 
 
 def readout_many(site: Site, nets: dict, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
-    """Readout refits of several candidate networks in one encrypted exchange."""
+    """Readout refits of several candidate networks in one encrypted exchange; returns (refits, dropped).
+
+    ``dropped`` maps the candidates that some site could not send statistics for to the reason.
+    """
+    site.step(name, f"H^T H and H^T y of {len(nets)} model(s)")
     stats = {}
+    flags = []
     x, y = site.stats_sample()
-    for key, net in nets.items():
-        h = net.features(x)
-        if net.layers[-1].bias is not None:
+    keys = sorted(nets)
+    for key in keys:
+        net = nets[key]
+        h, target = _readout_rows(net, x, y)
+        if net.readout.bias is not None:
             h = _with_ones(h)
-        stats[f"{key}.hth"] = h.T @ h / len(h)
-        stats[f"{key}.hty"] = h.T @ y / len(h)
-    pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
-    out = {}
-    for key, net in nets.items():
-        last = net.layers[-1]
+        part, ok = _flagged({f"{key}.hth": h.T @ h / len(h), f"{key}.hty": h.T @ target / len(h)}, STATS_BOUND)
+        stats.update(part)
+        flags.append(ok)
+    pooled = yield Exchange(name, {**stats, "ok": np.array(flags)}, site.n, value_bound=STATS_BOUND)
+    out, dropped = {}, {}
+    for j, key in enumerate(keys):
+        if pooled["ok"][j] < _OK:
+            dropped[key] = f"features not finite or beyond {STATS_BOUND:g} at some site"
+            continue
+        net = nets[key]
+        last = net.readout
         has_bias = last.bias is not None
         w = _ridge(pooled[f"{key}.hth"], pooled[f"{key}.hty"], ridge, bias_row=has_bias)
         layer = dataclasses.replace(last, kernel=w[:-1], bias=w[-1]) if has_bias else dataclasses.replace(last, kernel=w)
-        out[key] = net.replace(len(net.layers) - 1, layer)
-    return out
+        out[key] = net.replace(net.readout_index, layer)
+    return out, dropped
 
 
 def linear(site: Site, ridge: float = RIDGE) -> SiteProtocol:
     """The pooled ridge regression on flattened input windows: (W, b)."""
+    site.step("linear", "X^T X and X^T y of the input windows")
     x = _with_ones(site.x_train.reshape(len(site.x_train), -1))
     pooled = yield Exchange("linear", {"xtx": x.T @ x / len(x), "xty": x.T @ site.y_train / len(x)}, site.n,
                             value_bound=STATS_BOUND)
@@ -250,14 +361,44 @@ def linear(site: Site, ridge: float = RIDGE) -> SiteProtocol:
     return w[:-1], w[-1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Pooled validation errors: nRMSE = sqrt(pooled MSE / pooled variance of the targets)."""
+
+    candidates: dict[str, float]  # candidate -> pooled nRMSE
+    own: float  # each site's own model on its own validation data, pooled
+    dropped: dict[str, str]  # candidate -> why it was not scored
+
+    def to_json_dict(self) -> dict:
+        return {"metric": "nRMSE on the sites' validation tails (pooled RMSE / pooled std of the targets)",
+                "candidates": {k: round(v, 6) for k, v in sorted(self.candidates.items(), key=lambda kv: kv[1])},
+                "sites_own_models": round(self.own, 6), "dropped": dict(self.dropped)}
+
+
 def score(site: Site, candidates: dict, name: str = "score") -> SiteProtocol:
-    """Pooled validation MSE of each candidate: every site scores on its own validation data."""
-    mse = {k: float(np.mean((net.forward(site.x_val) - site.y_val) ** 2)) for k, net in candidates.items()}
+    """Pooled validation nRMSE of each candidate and of the sites' own models: every site scores on its own data.
+
+    A candidate that diverges at any site (non-finite or MSE beyond SCORE_BOUND) is dropped by all.
+    """
+    site.step(name, f"validation error of {len(candidates)} candidate(s)")
     keys = sorted(candidates)
-    # Scores are averaged like everything else; clip so one broken candidate cannot overflow the round.
-    pooled = yield Exchange(name, {"mse": np.array([min(mse[k], 1e3) for k in keys])}, float(len(site.x_val)),
-                            value_bound=1e3)
-    return dict(zip(keys, pooled["mse"].tolist()))
+    y = site.y_val.reshape(len(site.y_val), -1)
+    mse, flags = [], []
+    for k in keys:
+        err = float(np.mean((candidates[k].forward(site.x_val) - y) ** 2))
+        ok = np.isfinite(err) and err <= SCORE_BOUND
+        mse.append(err if ok else 0.0)
+        flags.append(1.0 if ok else 0.0)
+    own = min(float(np.mean((site.network.forward(site.x_val) - y) ** 2)), SCORE_BOUND)
+    var = min(float(np.mean((y - y.mean(axis=0)) ** 2)), SCORE_BOUND)
+    pooled = yield Exchange(name, {"mse": np.array(mse), "ok": np.array(flags), "own": np.array([own]),
+                                   "var": np.array([var])}, float(len(site.x_val)), value_bound=SCORE_BOUND)
+    scale = max(float(pooled["var"][0]), 1e-12)
+    nrmse = lambda m: float(np.sqrt(max(m, 0.0) / scale))  # noqa: E731
+    kept = {k: nrmse(m) for k, m, f in zip(keys, pooled["mse"], pooled["ok"]) if f >= _OK}
+    dropped = {k: f"diverged at some site (validation MSE not finite or above {SCORE_BOUND:g})"
+               for k, f in zip(keys, pooled["ok"]) if f < _OK}
+    return Scores(kept, nrmse(pooled["own"][0]), dropped)
 
 
 def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
@@ -265,6 +406,7 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
     if rounds and site.trainer is None:
         raise SecAggError("fine-tune rounds need local training, which this model format does not support")
     for r in range(rounds):
+        site.step(f"finetune{r + 1}", f"{epochs} local epoch(s), then the average")
         local = site.trainer(net, site.x_train, site.y_train, epochs, r)
         net = yield from mean(site, local, name=f"finetune{r + 1}", reference=net)
     return net
@@ -281,26 +423,41 @@ INIT_EPOCHS = 10
 INIT_WARMUP_ROUNDS = 1
 
 
+def check_method(method: str, finetune_rounds: int = 0) -> list[str]:
+    """The parts of ``method``, or a SecAggError naming what is wrong; needs no model (checked before any work)."""
+    parts = method.split("+")
+    unknown = [p for p in parts if p not in BASE_METHODS]
+    if unknown:
+        raise SecAggError(f"unknown merge method {'+'.join(unknown)!r}; choose from {', '.join(BASE_METHODS)} "
+                          "or a '+'-joined pipeline such as align+regmean+readout")
+    if parts == ["linear"] and finetune_rounds:
+        raise SecAggError("fine-tune rounds train the sites' network; the pooled linear model is exact already")
+    if "linear" in parts and parts != ["linear"]:
+        raise SecAggError("'linear' is a model of its own and cannot be combined with other methods")
+    if "auto" in parts and parts != ["auto"]:
+        raise SecAggError("'auto' chooses its own pipeline; use it alone")
+    ranks = [_STAGE[p] for p in parts if p in _STAGE]
+    if any(b <= a for a, b in zip(ranks, ranks[1:])):
+        raise SecAggError(
+            f"pipeline {'+'.join(parts)!r} is out of order: at most one base (mean, align or init) first, then at "
+            "most one of regmean/fisher, then repair, then readout, e.g. align+regmean+readout"
+        )
+    return parts
+
+
 def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1,
                init_epochs: int = INIT_EPOCHS, init_warmup: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
     """The protocol for ``method``: a base method or a '+'-joined pipeline, e.g. 'align+regmean+readout'.
 
     With ``finetune_rounds``, a pipeline that ends in a readout refit (including an ``auto`` choice
     that does) refits the output layer once more after the last fine-tune round: readout is the last
-    stage whatever comes before it.
+    stage whatever comes before it. The network returned has passed the framework check on this
+    site's data (:meth:`Site.verify`): nothing is released that the framework computes differently.
     """
-    parts = method.split("+")
-    unknown = [p for p in parts if p not in BASE_METHODS]
-    if unknown:
-        raise SecAggError(f"unknown merge method {'+'.join(unknown)!r}; choose from {', '.join(BASE_METHODS)} "
-                          "or a '+'-joined pipeline such as align+regmean+readout")
+    parts = check_method(method, finetune_rounds)
     info: dict = {}
-    if parts == ["linear"] and finetune_rounds:
-        raise SecAggError("fine-tune rounds train the sites' network; the pooled linear model is exact already")
     if parts == ["linear"]:
         return (yield from linear(site)), info
-    if "linear" in parts:
-        raise SecAggError("'linear' is a model of its own and cannot be combined with other methods")
     if parts == ["auto"]:
         net, info = yield from auto(site)
         ends_in_readout = info["chosen"].endswith("readout")
@@ -313,6 +470,7 @@ def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epoch
         # refit costs a single exchange. Measured on the benchmark (seed 0, auto + 3 rounds):
         # held-out nRMSE 0.279 without it, 0.274 with it.
         net = yield from readout(site, net, name="finetune-readout")
+    site.verify(net, "the global model")
     return net, info
 
 
@@ -320,20 +478,13 @@ def pipeline(site: Site, parts: list[str], init_epochs: int = INIT_EPOCHS,
              init_warmup: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
     """Run the building blocks in order: a base (mean, align or init), then regmean and/or readout."""
     # Checked before the first exchange, so that no round is spent on a pipeline that cannot finish.
-    if "auto" in parts:
-        raise SecAggError("'auto' chooses its own pipeline; use it alone")
-    ranks = [_STAGE[p] for p in parts]
-    if any(b <= a for a, b in zip(ranks, ranks[1:])):
-        raise SecAggError(
-            f"pipeline {'+'.join(parts)!r} is out of order: at most one base (mean, align or init) first, then at "
-            "most one of regmean/fisher, then repair, then readout, e.g. align+regmean+readout"
-        )
-    if "repair" in parts and not all(_is_lstm_or_dense(layer) for layer in site.network.layers):
-        raise SecAggError("'repair' corrects LSTM and Dense units only (a GRU's state enters its candidate gate "
-                          "through the reset gate, so an affine correction cannot be folded in)")
-    if "regmean" in parts and not all(_is_lstm_or_dense(layer) for layer in site.network.layers):
-        raise SecAggError("'regmean' merges LSTM and Dense layers only (a GRU's candidate gate is not a linear map "
-                          "of [x, h, 1], so RegMean would change the function); use align+readout or auto")
+    check_method("+".join(parts))
+    problems = {"repair": repair_problem(site.network), "regmean": regmean_problem(site.network),
+                "readout": site.network.readout_problem()}
+    for part in parts:
+        if problems.get(part):
+            raise SecAggError(f"'{part}' cannot merge this model ({site.network.describe()}): {problems[part]}; "
+                              "use auto, which picks among the methods that apply")
     net = None
     own = site.network
     for part in parts:
@@ -360,18 +511,48 @@ _STAGE = {"mean": 0, "align": 0, "init": 0, "regmean": 1, "fisher": 1, "repair":
 
 
 def auto(site: Site) -> SiteProtocol:
-    """Secure model selection among one-shot candidates; returns (network, info)."""
+    """Secure model selection among one-shot candidates; returns (network, info).
+
+    ``info``: ``chosen`` (the candidate), ``scores`` (:class:`Scores` as JSON: every scored
+    candidate's pooled validation nRMSE beside the sites' own models) and ``skipped`` (candidates
+    not built for this architecture, with the reason).
+    """
+    net = site.network
     plain = yield from mean(site)
     aligned_avg = yield from align(site, reference=plain)
     candidates = {"mean": plain, "align": aligned_avg}
-    if all(_is_lstm_or_dense(layer) for layer in site.network.layers):
-        candidates["align+regmean"] = yield from regmean(site, site.aligned)
-        candidates["align+repair"] = yield from repair(site, aligned_avg, site.aligned)
-    refit = yield from readout_many(site, candidates, name="auto-readout")
-    candidates.update({f"{k}+readout": v for k, v in refit.items()})
+    skipped: dict[str, str] = {}
+    for key, problem in (("align+regmean", regmean_problem(net)), ("align+repair", repair_problem(net))):
+        if problem:
+            skipped[key] = problem
+    if "align+regmean" not in skipped:
+        built = yield from regmean(site, site.aligned, required=False)
+        if built is None:
+            skipped["align+regmean"] = f"Gram matrices not finite or beyond {STATS_BOUND:g} at some site"
+        else:
+            candidates["align+regmean"] = built
+    if "align+repair" not in skipped:
+        built = yield from repair(site, aligned_avg, site.aligned, required=False)
+        if built is None:
+            skipped["align+repair"] = f"activation statistics not finite or beyond {STATS_BOUND:g} at some site"
+        else:
+            candidates["align+repair"] = built
+    problem = net.readout_problem()
+    if problem:
+        skipped["+readout"] = problem
+    else:
+        refit, dropped = yield from readout_many(site, candidates, name="auto-readout")
+        candidates.update({f"{k}+readout": v for k, v in refit.items()})
+        skipped.update({f"{k}+readout": why for k, why in dropped.items()})
+    for key, cand in candidates.items():
+        site.verify(cand, f"candidate {key}")
     scores = yield from score(site, candidates)
-    best = min(scores, key=scores.get)
-    return candidates[best], {"chosen": best, "scores": scores}
+    if not scores.candidates:
+        raise SecAggError(f"auto: every candidate diverged at some site ({scores.dropped}); check the sites' data "
+                          "and models")
+    best = min(scores.candidates, key=scores.candidates.get)
+    report = scores.to_json_dict() | {"skipped": skipped}
+    return candidates[best], {"chosen": best, "scores": report}
 
 
 def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
@@ -383,7 +564,12 @@ def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT
     on from one point tend to stay linearly connected (Frankle et al. 2020, "Linear mode
     connectivity and the lottery ticket hypothesis"). Benchmark, seed 0, held-out nRMSE ÷ the
     output ensemble: no warm-up, 5 local epochs 1.45x; one warm-up round, 10 local epochs 1.03x.
+
+    A ``Normalization`` layer's statistics come from the sites' data, not from the seed: the start
+    carries the sites' pooled statistics, so that exchange counts as data statistics for DP.
     """
+    from secagg.merge.layers import Normalization
+
     if site.trainer is None:
         raise SecAggError("'init' needs local training, which this model format does not support")
     if site.reinit is None:
@@ -393,12 +579,17 @@ def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT
     # Every site draws the initialization from the same seed and contributes it with equal weight,
     # so the average is that initialization (even if a framework's seeding differed at one site)
     # and no round ever has a single contributor.
+    site.step("init", "a common start drawn from the shared seed")
     fresh = site.reinit(site.network, 0)
-    init = yield Exchange("init", fresh.to_tensors(), 1.0, privacy="public")
+    has_stats = any(isinstance(layer, Normalization) for layer in site.network.layers)
+    init = yield Exchange("init", fresh.to_tensors(), site.n if has_stats else 1.0,
+                          privacy="stats" if has_stats else "public")
     start = site.rebuild(init)
     for r in range(warmup_rounds):
+        site.step(f"init-warmup{r + 1}", "one local epoch, then the average")
         local = site.trainer(start, site.x_train, site.y_train, 1, 100 + r)
         start = yield from mean(site, local, name=f"init-warmup{r + 1}", reference=start)
+    site.step("init-train", f"{epochs} local epochs")
     local = site.trainer(start, site.x_train, site.y_train, epochs, 0)
     site.aligned = local  # this site's own model, in the common basin (for a following regmean/fisher)
     return (yield from mean(site, local, name="init-mean", reference=start))
@@ -411,6 +602,15 @@ def _with_ones(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a, np.ones((len(a), 1))], axis=1)
 
 
+def _readout_rows(net, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, Y): the output layer's inputs and targets, one row per sample (and per time step of a sequence head)."""
+    h = net.features(x)
+    out = net.readout.output_dim
+    if h.ndim == 3:  # a head on every time step: y holds (T, out) per sample, flattened
+        return h.reshape(-1, h.shape[-1]), y.reshape(-1, out)
+    return h, y.reshape(len(y), out)
+
+
 def _ridge(gram: np.ndarray, cross: np.ndarray, ridge: float, bias_row: bool = True) -> np.ndarray:
     """Solve (G + lambda I') W = C, with no penalty on the last (bias) row if ``bias_row``."""
     d = len(gram)
@@ -421,14 +621,62 @@ def _ridge(gram: np.ndarray, cross: np.ndarray, ridge: float, bias_row: bool = T
     return np.linalg.solve(gram + penalty, cross)
 
 
-def _is_lstm_or_dense(layer) -> bool:
-    return getattr(layer, "kind", "lstm") == "lstm"
+def _linear_maps(layer) -> list[tuple[str, object]]:
+    """The parts of ``layer`` that RegMean merges as linear maps: (key suffix, LSTM or Dense)."""
+    if isinstance(layer, Dense) or isinstance(layer, Recurrent) and layer.kind == "lstm":
+        return [("", layer)]
+    if isinstance(layer, Bidirectional) and layer.kind == "lstm":
+        return [(".f", layer.forward), (".b", layer.backward)]
+    return []
+
+
+def _map_rows(part, inp: np.ndarray, key: str) -> np.ndarray:
+    """The rows a linear map is applied to: [x_t, h_{t-1}, 1] (LSTM, in processing order) or [x, 1] (Dense)."""
+    if isinstance(part, Dense):
+        flat = inp.reshape(-1, inp.shape[-1])
+        return _with_ones(flat)
+    if key == ".b":
+        inp = inp[:, ::-1]
+    return part.linear_rows(inp, part.sequence(inp))
+
+
+def _with_part(layer, key: str, part):
+    if key == ".f":
+        return dataclasses.replace(layer, forward=part)
+    if key == ".b":
+        return dataclasses.replace(layer, backward=part)
+    return part
+
+
+def _weight_roles(layer) -> list[str]:
+    """The array fields of a layer RegMean averages instead of solving (GRU, normalization statistics)."""
+    from secagg.merge.layers import BatchNorm, Normalization
+
+    if isinstance(layer, Recurrent):
+        return ["kernel", "recurrent_kernel", "bias"] + ([] if layer.recurrent_bias is None else ["recurrent_bias"])
+    if isinstance(layer, Bidirectional):
+        return [f"{d}.{r}" for d in ("forward", "backward") for r in _weight_roles(getattr(layer, d))]
+    if isinstance(layer, BatchNorm):
+        return [r for r in ("mean", "var", "gamma", "beta") if getattr(layer, r) is not None]
+    if isinstance(layer, Normalization):
+        return ["mean", "var"]
+    return []
+
+
+def _get(layer, role: str):
+    from secagg.merge.network import _get as get
+
+    return get(layer, role)
+
+
+def _set(layer, role: str, value):
+    from secagg.merge.network import _set as set_
+
+    return set_(layer, role, value)
 
 
 def _stacked(layer) -> np.ndarray:
     """A layer's linear map as one matrix over its input rows [x, h, 1] (recurrent) or [x, 1] (dense)."""
-    from secagg.merge.network import Recurrent
-
     if isinstance(layer, Recurrent):
         bias = layer.bias + (layer.recurrent_bias if layer.recurrent_bias is not None else 0.0)
         return np.concatenate([layer.kernel, layer.recurrent_kernel, bias[None, :]], axis=0)
@@ -438,8 +686,6 @@ def _stacked(layer) -> np.ndarray:
 
 def _unstacked(layer, w: np.ndarray):
     """Inverse of :func:`_stacked`; a torch-style second bias is folded into the first (same function for LSTM)."""
-    from secagg.merge.network import Recurrent
-
     if isinstance(layer, Recurrent):
         n_in = layer.kernel.shape[0]
         units = layer.recurrent_kernel.shape[0]

@@ -68,6 +68,27 @@ class StepRecord:
 SiteProtocol = Generator[Exchange, dict[str, np.ndarray], Any]
 
 
+def check_contribution(step: str, client_id: str, tensors: Tensors, value_bound: float) -> None:
+    """Refuse a contribution the step's round cannot carry, in the merge's terms (no round options to change).
+
+    The rounds of a merge have fixed bounds (model weights 100, statistics 1e4), so the round-level
+    advice (``--value-bound``) would point to an option ``simulate``/``merge`` do not have.
+    """
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind != "f" or not arr.size:
+            continue
+        if not np.all(np.isfinite(arr)):
+            raise SecAggError(f"merge step {step!r}: {client_id}'s {name!r} has NaN or infinite values; the model or "
+                              "its data diverged, so nothing was sent")
+        peak = float(np.max(np.abs(arr)))
+        if peak > value_bound:
+            raise SecAggError(
+                f"merge step {step!r}: {client_id}'s {name!r} reaches {peak:.4g}, beyond this step's bound "
+                f"{value_bound:g} (model weights up to 100, statistics up to 1e4 in normalized units); normalize the "
+                "sites' data (secagg scaler) or keep weights smaller (regularization), then merge again")
+
+
 def single_threaded_blas():
     """A context in which numpy's BLAS uses one thread.
 
@@ -112,11 +133,13 @@ class Federation:
         self.close()
 
     def average(self, name: str, contributions: list[tuple[str, Tensors, float]], value_bound: float,
-                privacy: str = "stats", references: list[Tensors | None] | None = None) -> dict[str, np.ndarray]:
+                privacy: str = "stats", references: list[Tensors | None] | None = None) -> list[dict[str, np.ndarray]]:
         """One encrypted round: every contribution is encrypted and submitted; the average is decrypted.
 
-        With ``self.dp``, a ``"weights"`` exchange is a DP round: equal weights, every site clips its
-        update relative to its reference and adds its share of the noise before encrypting.
+        Returns the average once per contribution, under that contribution's own tensor names: sites
+        match by structure (:mod:`secagg.packing`), and a site that calls its layers ``lstm_1`` gets
+        ``lstm_1`` back. With ``self.dp``, a ``"weights"`` exchange is a DP round: equal weights, every
+        site clips its update relative to its reference and adds its share of the noise before encrypting.
         """
         import time
 
@@ -140,13 +163,14 @@ class Federation:
                      max_weight=max_weight, value_bound=value_bound, dp=dp)
         wire = 0
         for (client_id, tensors, weight), reference in zip(contributions, references):
+            check_contribution(name, client_id, tensors, value_bound)
             wire += submit(self.server.address, round_id, self.key, client_id, tensors, weight,
                            dp_reference=reference if dp is not None else None).wire_bytes
         average = fetch_average(self.server.address, round_id, self.key, wait=30)
-        result = unflatten(average.spec, average.vector, template)
+        results = [unflatten(average.spec, average.vector, tensors) for _, tensors, _ in contributions]
         self.steps.append(StepRecord(name, round_id, len(contributions), average.spec.num_params, wire,
                                      time.perf_counter() - t0))
-        return result
+        return results
 
     def run(self, protocols: Mapping[str, SiteProtocol]) -> dict[str, Any]:
         """Drive one protocol generator per site in lockstep until all return; their results by site."""
@@ -171,10 +195,10 @@ class Federation:
             first = exchanges[0][1]
             contributions = [(site, ex.tensors, ex.weight) for site, ex in exchanges]
             bound = max(ex.value_bound for _, ex in exchanges)
-            average = self.average(first.name, contributions, bound, first.privacy,
-                                   [ex.reference for _, ex in exchanges])
+            averages = self.average(first.name, contributions, bound, first.privacy,
+                                    [ex.reference for _, ex in exchanges])
             nxt: dict[str, Exchange] = {}
-            for site, _ in exchanges:
+            for (site, _), average in zip(exchanges, averages):
                 try:
                     nxt[site] = protocols[site].send(average)
                 except StopIteration as stop:

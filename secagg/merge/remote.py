@@ -11,12 +11,13 @@ for a site with one to create each step's round.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from secagg.api import create_round, fetch_average, round_status, submit
-from secagg.errors import AuthError, RoundExistsError, RoundNotFoundError, SecAggError
+from secagg.api import create_round, fetch_average, round_spec, round_status, submit
+from secagg.errors import AuthError, RoundExistsError, RoundNotFoundError, RoundStateError, SecAggError
 from secagg.keys import ClientKey
 from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
-from secagg.merge.protocol import SiteProtocol, single_threaded_blas
+from secagg.merge.protocol import SiteProtocol, check_contribution, single_threaded_blas
 from secagg.packing import ModelSpec, unflatten
 from secagg.transport.tls import ClientTLS
 
@@ -37,36 +38,65 @@ def run_site(
     init_warmup: int = INIT_WARMUP_ROUNDS,
     *,
     tls: ClientTLS | None = None,
+    progress: Callable[[str, str], None] | None = None,
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``.
 
-    ``tls``: this site's TLS settings (None: the ``SECAGG_TLS_*`` variables, if set).
+    ``tls``: this site's TLS settings (None: the ``SECAGG_TLS_*`` variables, if set). ``progress(step,
+    detail)`` is told while this site waits for the others (step ``"wait"``).
     """
     protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
-    return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls=tls)
+    return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls=tls,
+                        progress=progress)
 
 
 def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
-                 wait: float = 3600.0, max_weight: float = 1e5, *, tls: ClientTLS | None = None):
+                 wait: float = 3600.0, max_weight: float = 1e5, *, tls: ClientTLS | None = None,
+                 progress: Callable[[str, str], None] | None = None):
     """Drive any site protocol generator against ``server``; returns its result."""
     with single_threaded_blas():
-        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls)
+        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress)
 
 
-def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls):
+#: While waiting for the other sites, say how many submitted this often (seconds).
+WAIT_REPORT_SECONDS = 15.0
+
+
+def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress):
     step = 0
     try:
         exchange = next(protocol)
         while True:
             sub_round = f"{round_id}.{step}.{exchange.name}"[:64]
             template = exchange.tensors
+            check_contribution(exchange.name, client_id, template, exchange.value_bound)
             _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight, wait, tls)
             submit(server, sub_round, key, client_id, template, exchange.weight, tls=tls)
-            average = fetch_average(server, sub_round, key, wait=wait, tls=tls)
+            average = _await_average(server, sub_round, key, wait, tls, progress)
             exchange = protocol.send(unflatten(average.spec, average.vector, template))
             step += 1
     except StopIteration as stop:
         return stop.value
+
+
+def _await_average(server, round_id, key, wait, tls, progress):
+    """The round's decrypted average once every site submitted, reporting who is still missing meanwhile."""
+    end = time.monotonic() + wait
+    while True:
+        slice_ = min(WAIT_REPORT_SECONDS, max(0.0, end - time.monotonic())) if progress else max(0.0, end - time.monotonic())
+        try:
+            return fetch_average(server, round_id, key, wait=slice_, tls=tls)
+        except RoundStateError as exc:
+            if "still collecting" not in str(exc) or time.monotonic() >= end:
+                if "still collecting" in str(exc):
+                    status = round_status(server, round_id, tls=tls)
+                    raise RoundStateError(
+                        f"round {round_id!r}: only {status.submitted} of {status.expected} sites submitted within "
+                        f"--wait {wait:g} s ({', '.join(status.clients) or 'none'}); start the missing sites with the "
+                        "same --round and --method, or raise --wait") from None
+                raise
+            status = round_status(server, round_id, tls=tls)
+            progress("wait", f"round {round_id}: {status.submitted} of {status.expected} sites have submitted")
 
 
 def _ensure_round(server, round_id, template, clients, value_bound, max_weight, wait, tls) -> None:
@@ -78,12 +108,20 @@ def _ensure_round(server, round_id, template, clients, value_bound, max_weight, 
         status = round_status(server, round_id, tls=tls)
     except AuthError as refused:
         status = _wait_for_round(server, round_id, wait, tls, refused)
+    leftover = (f"all sites must run the same --method with the same --clients; if round {round_id!r} is left over "
+                "from an earlier run, cancel it ('secagg round cancel') or start again with a new --round")
+    if status.expected != clients:
+        raise SecAggError(f"round {round_id!r} exists but does not match this step: it expects {status.expected} "
+                          f"sites, this site runs with --clients {clients}; {leftover}")
     spec = ModelSpec.of(template)
-    if status.spec_hash != spec.hash or status.expected != clients:
-        raise SecAggError(
-            f"round {round_id!r} exists but does not match this step (another method, model or number of "
-            "sites); all sites must run the same --method with the same --clients and architecture"
-        )
+    if status.spec_hash != spec.hash:  # structural: sites whose layers are named differently agree
+        theirs = round_spec(server, round_id, tls=tls)
+        if not theirs.matches(spec):  # (the hashes also differ when only one side knows the layer types)
+            raise SecAggError(
+                f"round {round_id!r} exists but does not match this step: its exchange differs "
+                f"{theirs.describe_difference(spec, 'the round', 'this site')}. Layer names may differ, but every "
+                f"site's model must be built with the same code; {leftover}"
+            )
 
 
 def _wait_for_round(server, round_id, wait, tls, refused: AuthError):

@@ -9,14 +9,14 @@ model, its own data and the decrypted averages.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from secagg.errors import ModelFormatError, PrivacyError, SecAggError
 from secagg.merge import training
-from secagg.merge.methods import ALIGN_ITERATIONS, INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
+from secagg.merge.methods import ALIGN_ITERATIONS, INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, check_method, run_method
 from secagg.merge.protocol import Federation, StepRecord
 from secagg.models import write_model
 
@@ -61,6 +61,9 @@ def simulate(
     init_epochs: int = INIT_EPOCHS,
     init_warmup: int = INIT_WARMUP_ROUNDS,
     dp=None,
+    torch_module=None,
+    torch_kwargs=None,
+    progress: Callable[[str, str], None] | None = None,
 ) -> SimulationResult:
     """Merge the sites' models with ``method`` through a real loopback aggregator.
 
@@ -69,14 +72,22 @@ def simulate(
     ``init_epochs`` and ``init_warmup`` shape ``init`` (:func:`secagg.merge.methods.common_init`).
     ``dp`` (a :class:`secagg.privacy.DPConfig`): client-level DP on every exchange of model weights
     (methods mean, align, init and fine-tune rounds; others exchange statistics DP does not cover).
+    ``torch_module``/``torch_kwargs``: the sites' ``nn.Module`` for PyTorch state dicts
+    (:mod:`secagg.models.framework`). ``progress(step, detail)`` is told as every step starts.
     """
     if len(sites) < 2:
         raise SecAggError("simulate needs at least two --site MODEL DATA pairs")
+    check_method(method, finetune_rounds)
     model_paths = [Path(m) for m, _ in sites]
     suffixes = {training.family(p) for p in model_paths}
     if len(suffixes) != 1:
         raise ModelFormatError("all sites' models must be of one format (all Keras or all PyTorch)")
-    states = [load_site(f"site{i}", model_path, data_path, seed + i) for i, (model_path, data_path) in enumerate(sites)]
+    states = []
+    for i, (model_path, data_path) in enumerate(sites):
+        if progress:
+            progress("load", f"site {i + 1} of {len(sites)}: {Path(model_path).name}, checked against its framework")
+        states.append(load_site(f"site{i}", model_path, data_path, seed + i, torch_module, torch_kwargs,
+                                report=progress if i == 0 else None))
     _check_same_architecture(states, model_paths)
     exchanges = dp_exchanges(method, finetune_rounds, init_warmup) if dp is not None else 0
     with Federation(workdir, dp=dp) as federation:
@@ -115,10 +126,11 @@ def _check_same_architecture(states: list[Site], paths: list[Path]) -> None:
     first = ModelSpec.of(states[0].network.to_tensors())
     for state, path in zip(states[1:], paths[1:]):
         spec = ModelSpec.of(state.network.to_tensors())
-        if spec != first:
+        if not first.matches(spec):  # by structure: layer names may differ (Keras numbers them lstm, lstm_1, ...)
             raise ModelFormatError(
-                f"{path} does not match {paths[0]}: {first.describe_difference(spec)}. All sites need one architecture "
-                "with the same layer names: give layers fixed names (e.g. keras.layers.LSTM(32, name='lstm'))"
+                f"{path} does not match {paths[0]} {first.describe_difference(spec, str(paths[0]), str(path))}. "
+                "Names may differ; the layers must be the same kinds and sizes in the same order: build every site's "
+                "model with the same code"
             )
     for state, path in zip(states, paths):
         if state.x.shape[1:] != states[0].x.shape[1:]:
@@ -126,15 +138,22 @@ def _check_same_architecture(states: list[Site], paths: list[Path]) -> None:
                                    f"{states[0].x.shape[1:]}")
 
 
-def load_site(name: str, model_path: str | Path, data_path: str | Path, seed: int = 0) -> Site:
-    """A site's protocol state from its model file and DATA npz."""
-    from secagg.merge.network import load_network
+def load_site(name: str, model_path: str | Path, data_path: str | Path, seed: int = 0, torch_module=None,
+              torch_kwargs=None, report: Callable[[str, str], None] | None = None) -> Site:
+    """A site's protocol state from its model file and DATA npz.
+
+    The model's numpy view is checked against its framework on the site's own data before anything
+    is exchanged (:func:`secagg.merge.network.open_model`); the site keeps the framework model to
+    check every model it is about to score or release.
+    """
+    from secagg.merge.network import open_model
 
     x, y = load_site_data(data_path)
-    net = load_network(model_path)
-    trainer = training.Trainer(model_path, seed=seed)
+    model = open_model(model_path, torch_module, torch_kwargs, x)
+    trainer = training.Trainer(model.framework, seed=seed)
+    net = model.network
     return Site(name, net, x, y, rebuild=trainer.rebuild(net), trainer=trainer.train, reinit=trainer.reinit,
-                fisher_info=trainer.fisher)
+                fisher_info=trainer.fisher, check=model.check, report=report)
 
 
 def write_result(method: str, model, site: Site, template: Path, out: str | Path | None):

@@ -17,10 +17,12 @@ import importlib
 import os
 import pathlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from secagg.errors import ModelFormatError
+from secagg.packing import ModelTensors, TensorSpec
 
 __all__ = ["SUPPORTED_SUFFIXES", "read_model", "write_model"]
 
@@ -36,30 +38,36 @@ _FORMATS = {
 }
 
 
-def read_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_model(path: str | os.PathLike) -> ModelTensors:
     """Return the named tensors of the model file at ``path``.
 
     The dict is ordered in the file's natural, deterministic order (npz: stored order; Keras:
-    ``model.weights`` order; PyTorch: state-dict order). Raises ModelFormatError if the file is
-    missing, corrupt, of an unsupported suffix, or needs a framework that is not installed.
+    ``model.weights`` order, which is ``get_weights()`` order; PyTorch: state-dict order). It is a
+    :class:`~secagg.packing.ModelTensors`: for Keras files its ``layer_types`` give each tensor's
+    layer class (``"LSTM"``, ``"Bidirectional/LSTM"``); PyTorch and npz files record none. Raises
+    ModelFormatError if the file is missing, corrupt, of an unsupported suffix, or needs a framework
+    that is not installed.
     """
     path = pathlib.Path(path)
     module = _module_for(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such model file")
-    return module.read(path)
+    tensors = module.read(path)
+    return tensors if isinstance(tensors, ModelTensors) else ModelTensors(tensors)
 
 
 def write_model(
     template: str | os.PathLike,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray] | Sequence[np.ndarray],
     out: str | os.PathLike,
 ) -> pathlib.Path:
     """Write ``tensors`` into a copy of the model file ``template`` and save it at ``out``.
 
-    The written file has the template's architecture/config and the template's dtype for every
-    tensor (floats are rounded to nearest, integers via ``np.rint``). ``tensors`` must hold
-    exactly the template's names with the template's shapes. ``out`` must be of the template's
+    The written file has the template's architecture/config, the template's tensor names and the
+    template's dtype for every tensor (floats are rounded to nearest, integers via ``np.rint``).
+    ``tensors`` holding exactly the template's names are matched by name; any other names, or a
+    plain sequence of arrays (``model.get_weights()``), are matched by position in the template's
+    order, with the template's shapes (and layer types, where both sides record them). ``out`` must be of the template's
     format family (``.keras`` and ``.h5`` convert into each other; ``.pt``/``.pth`` are one).
     The file is written to a temporary name and renamed, so a failed write never leaves a
     half-written ``out`` (and ``out`` may be the template itself). Returns ``out`` as a Path.
@@ -116,28 +124,25 @@ def check_numeric(path: pathlib.Path, name: str, dtype: np.dtype) -> None:
 def conform(
     template: pathlib.Path,
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    layer_types: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Check ``tensors`` against the template's ``specs`` (name -> (shape, dtype)) and cast.
 
-    Returns the arrays in the template's order, each cast to the template's dtype. Raises
-    ModelFormatError naming the first missing, extra, mis-shaped or uncastable tensor.
+    ``tensors`` with exactly the template's names are matched by name; others (another model's
+    names, or a sequence of arrays) by position, and then also by layer type where both the
+    template (``layer_types``) and ``tensors`` (a :class:`ModelTensors`) record one.
+    Returns the arrays under the template's names in its order, each cast to the template's
+    dtype. Raises ModelFormatError naming the first mis-shaped, missing, extra or uncastable
+    tensor, with both sides.
     """
-    missing = [n for n in specs if n not in tensors]
-    if missing:
-        raise ModelFormatError(
-            f"tensor {missing[0]!r} of template {template} is missing from the tensors to write"
-            + _and_more(missing)
-        )
-    extra = [n for n in tensors if n not in specs]
-    if extra:
-        raise ModelFormatError(
-            f"tensor {extra[0]!r} is not in template {template}" + _and_more(extra)
-            + "; the tensors must come from a model with the template's architecture"
-        )
+    if isinstance(tensors, Mapping) and set(tensors) == set(specs):
+        arrays = {name: np.asarray(tensors[name]) for name in specs}
+    else:
+        arrays = _by_position(template, specs, tensors, layer_types or {})
     result = {}
     for name, (shape, dtype) in specs.items():
-        arr = np.asarray(tensors[name])
+        arr = arrays[name]
         if arr.shape != tuple(shape):
             raise ModelFormatError(
                 f"tensor {name!r} has shape {arr.shape} but template {template} has shape "
@@ -146,6 +151,39 @@ def conform(
         check_numeric(template, name, arr.dtype)
         result[name] = cast_to(name, arr, np.dtype(dtype), template)
     return result
+
+
+def _by_position(
+    template: pathlib.Path,
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    tensors: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    layer_types: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """The template's names -> ``tensors`` in order, refusing the first position whose shape or layer type differs."""
+    if isinstance(tensors, Mapping):
+        theirs_types = getattr(tensors, "layer_types", None) or {}
+        given = [(name, np.asarray(arr), theirs_types.get(name, "")) for name, arr in tensors.items()]
+    else:
+        given = [(f"#{i + 1}", np.asarray(arr), "") for i, arr in enumerate(tensors)]
+    mine = [TensorSpec(name, tuple(shape), str(np.dtype(dtype)), layer_types.get(name, ""))
+            for name, (shape, dtype) in specs.items()]
+    theirs = [TensorSpec(name, arr.shape, str(arr.dtype), lt) for name, arr, lt in given]
+    n, m = len(mine), len(theirs)
+    for i in range(max(n, m)):
+        a = mine[i] if i < n else None
+        b = theirs[i] if i < m else None
+        # Dtypes may differ: an average arrives as float64, a counter as a float; cast_to converts.
+        if a is None or b is None or a.shape != b.shape or (a.layer_type and b.layer_type
+                                                             and a.layer_type != b.layer_type):
+            counts = "" if n == m else f" (the template has {n} tensors, the tensors to write have {m})"
+            raise ModelFormatError(
+                f"the tensors to write do not match template {template} at tensor {i + 1} of {n}{counts}: "
+                f"the template has {a.describe() if a else 'no tensor there'}, the tensors to write have "
+                f"{b.describe() if b else 'no tensor there'}. Names may differ; the layers must be the same kinds "
+                "and sizes in the same order: the tensors must come from a model built with the same code as the "
+                "template"
+            )
+    return {a.name: arr for a, (_, arr, _) in zip(mine, given)}
 
 
 def cast_to(name: str, arr: np.ndarray, dtype: np.dtype, template: pathlib.Path) -> np.ndarray:
@@ -180,6 +218,3 @@ def cast_to(name: str, arr: np.ndarray, dtype: np.dtype, template: pathlib.Path)
             raise fail(f"values outside [{info.min}, {info.max}]")
     return arr.astype(dtype)
 
-
-def _and_more(names: list[str]) -> str:
-    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""

@@ -172,7 +172,15 @@ class FrameworkModel:
                 import torch
 
                 with torch.no_grad():
-                    var.copy_(torch.as_tensor(np.ascontiguousarray(value)).to(var.dtype))
+                    var.copy_(torch.as_tensor(np.array(value, order="C")).to(var.dtype))
+        if self.framework == "keras":
+            import keras
+
+            # Keras's Normalization computes from copies of its statistics made when they were last
+            # set ("finalized"); without this it would go on using the old ones.
+            for layer in flat_keras_layers(keras, self.model):
+                if hasattr(layer, "finalize_state") and isinstance(layer, keras.layers.Normalization):
+                    layer.finalize_state()
         return self
 
     def predict(self, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
@@ -196,8 +204,10 @@ class FrameworkModel:
         if self.framework == "keras":
             import keras
 
-            last = [layer for layer in _flat_keras_layers(keras, self.model) if layer.weights][-1]
-            sub = keras.Model(self.model.inputs, last.input)
+            last = [layer for layer in flat_keras_layers(keras, self.model) if layer.weights][-1]
+            inputs = self.model.inputs
+            # One input as a tensor, not a list of one: Keras warns when the call's structure differs.
+            sub = keras.Model(inputs[0] if len(inputs) == 1 else inputs, last.input)
             parts = [np.asarray(sub(x[i:i + batch_size], training=False), dtype=np.float64)
                      for i in range(0, len(x), batch_size)]
             return np.concatenate(parts)
@@ -214,6 +224,59 @@ class FrameworkModel:
             handle.remove()
         return np.concatenate([s.numpy().astype(np.float64) for s in seen])
 
+    def readout(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last Dense/Linear layer's ``(kernel (features, outputs), bias (outputs,))``, the map
+        applied to :meth:`features` (Keras' kernel layout; a torch weight is transposed)."""
+        kernel, bias = self._readout_variables()
+        if self.framework == "keras":
+            import keras
+
+            return (np.asarray(keras.ops.convert_to_numpy(kernel), np.float64),
+                    np.asarray(keras.ops.convert_to_numpy(bias), np.float64))
+        return kernel.detach().cpu().numpy().T.astype(np.float64), bias.detach().cpu().numpy().astype(np.float64)
+
+    def set_readout(self, kernel: np.ndarray, bias: np.ndarray) -> "FrameworkModel":
+        """Replace the last Dense/Linear layer's weights (layout of :meth:`readout`); returns self."""
+        kernel_var, bias_var = self._readout_variables()
+        kernel, bias = np.asarray(kernel), np.asarray(bias)
+        if self.framework == "torch":
+            kernel = kernel.T
+        if kernel.shape != tuple(kernel_var.shape) or bias.shape != tuple(bias_var.shape):
+            raise ModelFormatError(f"{self.path}: the readout is {tuple(kernel_var.shape)} and "
+                                   f"{tuple(bias_var.shape)}, got {kernel.shape} and {bias.shape}")
+        if self.framework == "keras":
+            kernel_var.assign(kernel)
+            bias_var.assign(bias)
+        else:
+            import torch
+
+            with torch.no_grad():
+                kernel_var.copy_(torch.as_tensor(np.ascontiguousarray(kernel)).to(kernel_var.dtype))
+                bias_var.copy_(torch.as_tensor(np.ascontiguousarray(bias)).to(bias_var.dtype))
+        return self
+
+    def _readout_variables(self):
+        if self.framework == "keras":
+            import keras
+
+            last = [layer for layer in flat_keras_layers(keras, self.model) if layer.weights][-1]
+            dense = last.layer if isinstance(last, keras.layers.TimeDistributed) else last
+            if not isinstance(dense, keras.layers.Dense) or dense.bias is None:
+                raise ModelFormatError(f"{self.path}: the last layer with weights ({last.name}, "
+                                       f"{type(last).__name__}) is not a Dense layer with a bias; only a Dense "
+                                       "readout can be refit")
+            if dense.activation not in (None, keras.activations.linear):
+                raise ModelFormatError(f"{self.path}: the last Dense layer ({last.name}) has a "
+                                       f"{getattr(dense.activation, '__name__', dense.activation)} activation; only "
+                                       "a linear readout can be refit in closed form")
+            return dense.kernel, dense.bias
+        import torch
+
+        linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears or linears[-1].bias is None:
+            raise ModelFormatError(f"{self.path}: the module has no nn.Linear layer with a bias to refit")
+        return linears[-1].weight, linears[-1].bias
+
 
 def _torch_output(out) -> np.ndarray:
     if isinstance(out, (tuple, list)):
@@ -221,11 +284,11 @@ def _torch_output(out) -> np.ndarray:
     return out.detach().cpu().numpy().astype(np.float64)
 
 
-def _flat_keras_layers(keras, model) -> list:
+def flat_keras_layers(keras, model) -> list:
     out = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            out.extend(_flat_keras_layers(keras, layer))
+            out.extend(flat_keras_layers(keras, layer))
         else:
             out.append(layer)
     return out

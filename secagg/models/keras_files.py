@@ -8,6 +8,11 @@ file is reloaded, differently for ``.keras`` and ``.h5``. So names are rebuilt f
 tree: enclosing model names, then the owning layer's name, then the variable path below it.
 The same model therefore gets the same names from both file types.
 
+Keras numbers the layers of every model built in one session (``lstm``, ``lstm_1``, ...), so
+identical models often have different names; secagg matches tensors by position and layer type
+(:mod:`secagg.packing`). Each tensor's layer type is the owning layer's class name, with the inner
+layer's for wrappers: ``LSTM``, ``Dense``, ``Bidirectional/LSTM``, ``TimeDistributed/Dense``.
+
 Models are loaded with ``compile=False``: the written file has the template's architecture and
 the new weights, but no optimizer state or training config.
 """
@@ -20,35 +25,38 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from secagg.errors import ModelFormatError
 from secagg.models import check_numeric, conform
+from secagg.packing import ModelTensors
 
 
-def read(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Return the model's weights by name in ``model.weights`` order."""
+def read(path: pathlib.Path) -> ModelTensors:
+    """Return the model's weights by name in ``model.weights`` order, with their layer types."""
     keras = _import_keras("reading", path)
     model = _load(keras, path)
+    layer_types: dict[str, str] = {}
     tensors = {}
-    for name, variable in _named_variables(keras, model).items():
+    for name, variable in _named_variables(keras, model, layer_types).items():
         arr = np.asarray(keras.ops.convert_to_numpy(variable))
         if _numpy_dtype(arr.dtype) != arr.dtype:
             arr = arr.astype(np.float32)  # e.g. bfloat16 variables; cast back on write
         check_numeric(path, name, arr.dtype)
         tensors[name] = arr
-    return tensors
+    return ModelTensors(tensors, layer_types)
 
 
-def write(template: pathlib.Path, tensors: Mapping[str, np.ndarray], out: pathlib.Path) -> None:
-    """Load ``template``, assign ``tensors`` by name, and save the model at ``out``."""
+def write(template: pathlib.Path, tensors: Mapping[str, np.ndarray] | Sequence[np.ndarray], out: pathlib.Path) -> None:
+    """Load ``template``, assign ``tensors`` (by name, or by position: see ``conform``), and save the model at ``out``."""
     keras = _import_keras("writing", out)
     model = _load(keras, template)
-    variables = _named_variables(keras, model)
+    layer_types: dict[str, str] = {}
+    variables = _named_variables(keras, model, layer_types)
     specs = {name: (tuple(v.shape), _variable_dtype(keras, v)) for name, v in variables.items()}
-    for name, arr in conform(template, specs, tensors).items():
+    for name, arr in conform(template, specs, tensors, layer_types).items():
         variables[name].assign(arr)  # Keras casts to the variable's own dtype (e.g. bfloat16)
     try:
         with warnings.catch_warnings():
@@ -109,34 +117,47 @@ def _load_error(path: pathlib.Path, error: Exception) -> ModelFormatError:
     return ModelFormatError(f"{path}: {why}. Keras said: {detail}")
 
 
-def _named_variables(keras, model) -> dict:
-    """Map unique, stable names to the model's variables, in ``model.weights`` order."""
-    structural: dict[int, str] = {}
+def _named_variables(keras, model, layer_types: dict[str, str] | None = None) -> dict:
+    """Map unique, stable names to the model's variables, in ``model.weights`` order.
+
+    ``layer_types``, if given, receives each name's layer type ("" where no layer owns it).
+    """
+    structural: dict[int, tuple[str, str]] = {}
     _walk(keras, model, [model.name], structural)
     named = {}
     for variable in model.weights:
-        base = structural.get(id(variable)) or _relative_path(variable.path, [model.name])
+        base, layer_type = structural.get(id(variable)) or (_relative_path(variable.path, [model.name]), "")
         name, n = base, 0
         while name in named:  # two variables with one path: number them in model order
             n += 1
             name = f"{base}:{n}"
         named[name] = variable
+        if layer_types is not None:
+            layer_types[name] = layer_type
     return named
 
 
-def _walk(keras, model, ancestors: list[str], names: dict[int, str]) -> None:
+def _walk(keras, model, ancestors: list[str], names: dict[int, tuple[str, str]]) -> None:
     prefix = "".join(a + "/" for a in ancestors[1:])  # the top-level model's name is dropped
     for layer in model.layers:
         if isinstance(layer, keras.Model):
             _walk(keras, layer, ancestors + [layer.name], names)
             continue
+        layer_type = _layer_type(keras, layer)
         for variable in layer.weights:
             segments = variable.path.split("/")
             if layer.name in segments[:-1]:
                 rel = "/".join(segments[segments.index(layer.name):])
             else:  # built outside the layer's scope (happens after reloading)
                 rel = layer.name + "/" + _relative_path(variable.path, ancestors)
-            names.setdefault(id(variable), prefix + rel)  # shared variables: first owner wins
+            names.setdefault(id(variable), (prefix + rel, layer_type))  # shared variables: first owner wins
+
+
+def _layer_type(keras, layer) -> str:
+    """The layer's class name; a wrapper's followed by its inner layer's: ``Bidirectional/LSTM``."""
+    inner = getattr(layer, "forward_layer", None) or getattr(layer, "layer", None)  # Bidirectional, Wrapper
+    own = type(layer).__name__
+    return f"{own}/{_layer_type(keras, inner)}" if isinstance(inner, keras.layers.Layer) else own
 
 
 def _relative_path(path: str, ancestors: list[str]) -> str:

@@ -45,7 +45,7 @@ def write(template: pathlib.Path, tensors: Mapping[str, np.ndarray], out: pathli
     }
     for name, arr in conform(template, specs, tensors).items():
         old = state[name]
-        new = torch.from_numpy(np.ascontiguousarray(arr)).to(old.dtype)
+        new = torch.from_numpy(np.array(arr, order="C")).to(old.dtype)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
         # Replace in place: keeps the state dict's type, order and _metadata (module versions

@@ -3,7 +3,7 @@
 With mutual TLS the handshake already proved that the caller holds the private key of a
 certificate issued by the federation's CA; this module only reads what the certificate says:
 its Common Name is the one client id the caller may submit as, and an Organizational Unit of
-``secagg-admin`` lets it create rounds. Without mutual TLS nothing is enforced (see ``Authorizer``).
+``secagg-admin`` lets it create and cancel rounds. Without mutual TLS nothing is enforced (see ``Authorizer``).
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ class Authorizer:
                                        "--tls-key (issued by 'secagg certs issue')")
         return _identity(pems[0])
 
-    def check_admin(self, context: grpc.ServicerContext, action: str) -> None:
-        """Only an admin certificate may ``action`` (e.g. "create rounds")."""
+    def check_admin(self, context: grpc.ServicerContext, action: str) -> Identity | None:
+        """Only an admin certificate may ``action`` (e.g. "create rounds"); returns the caller (None: not enforced)."""
         who = self.caller(context)
         if who is not None and not who.is_admin:
             raise AuthError(f"certificate {who.name!r} may not {action}: that needs an admin certificate "
                             "('secagg certs issue --admin')")
+        return who
 
     def check_submitter(self, context: grpc.ServicerContext, client_id: str) -> None:
         """A client may submit only as the client id its certificate names."""

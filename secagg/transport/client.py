@@ -9,7 +9,7 @@ import grpc
 
 from secagg.envelope import MAX_MESSAGE_BYTES, Chunk, Header
 from secagg.errors import SecAggError
-from secagg.rounds import RoundStatus
+from secagg.rounds import RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.server import chunk_from_pb, chunk_to_pb
@@ -25,6 +25,10 @@ def status_from_pb(s: pb.RoundStatus) -> RoundStatus:
         epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or None, delta=s.delta or None,
         min_cohort=s.min_cohort,
     )
+
+
+def summary_from_pb(s: pb.RoundSummary) -> RoundSummary:
+    return RoundSummary(s.round_id, s.state, s.submitted, s.expected, s.created_unix or None, s.reason)
 
 
 class AggregatorClient:
@@ -44,7 +48,11 @@ class AggregatorClient:
                    # find a dead connection instead.
                    ("grpc.keepalive_time_ms", 30_000),
                    ("grpc.keepalive_timeout_ms", 20_000),
-                   ("grpc.keepalive_permit_without_calls", 0)]
+                   ("grpc.keepalive_permit_without_calls", 0),
+                   # gRPC waits up to 2 minutes between attempts to reconnect to an aggregator that
+                   # was down; secagg's own retries (secagg.api) need it to try again within seconds.
+                   ("grpc.initial_reconnect_backoff_ms", 500),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
         if self.tls is None:
             self._channel = grpc.insecure_channel(server, options=options)
         else:
@@ -80,6 +88,14 @@ class AggregatorClient:
         """The round's status and its model spec JSON."""
         reply = self._call(self._stub.GetRound, pb.GetRoundRequest(round_id=round_id), timeout=30)
         return status_from_pb(reply), reply.model_spec_json
+
+    def cancel_round(self, round_id: str, reason: str) -> RoundStatus:
+        reply = self._call(self._stub.CancelRound, pb.CancelRoundRequest(round_id=round_id, reason=reason), timeout=30)
+        return status_from_pb(reply)
+
+    def list_rounds(self) -> list[RoundSummary]:
+        reply = self._call(self._stub.ListRounds, pb.ListRoundsRequest(), timeout=30)
+        return [summary_from_pb(s) for s in reply.rounds]
 
     def submit(self, header: Header, chunks: Iterable[Chunk]) -> pb.SubmitReply:
         def messages() -> Iterator[pb.SubmitMessage]:

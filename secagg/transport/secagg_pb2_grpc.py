@@ -59,6 +59,16 @@ class AggregatorStub:
                 request_serializer=secagg__pb2.FetchRequest.SerializeToString,
                 response_deserializer=secagg__pb2.AggregateMessage.FromString,
                 _registered_method=True)
+        self.CancelRound = channel.unary_unary(
+                '/secagg.v1.Aggregator/CancelRound',
+                request_serializer=secagg__pb2.CancelRoundRequest.SerializeToString,
+                response_deserializer=secagg__pb2.RoundStatus.FromString,
+                _registered_method=True)
+        self.ListRounds = channel.unary_unary(
+                '/secagg.v1.Aggregator/ListRounds',
+                request_serializer=secagg__pb2.ListRoundsRequest.SerializeToString,
+                response_deserializer=secagg__pb2.RoundList.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -102,6 +112,23 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRound(self, request, context):
+        """Cancel a collecting round that can never complete (a site is gone, a wrong number of clients):
+        it fails with the reason "cancelled: <reason>", durably; its accepted updates are deleted and
+        fetchers waiting for it get FAILED_PRECONDITION with that reason. Under mutual TLS only admin
+        certificates may cancel. A closed or failed round cannot be cancelled (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRounds(self, request, context):
+        """Every round the aggregator holds, oldest first: id, state, submitted/expected, creation time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +156,16 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.FetchAggregate,
                     request_deserializer=secagg__pb2.FetchRequest.FromString,
                     response_serializer=secagg__pb2.AggregateMessage.SerializeToString,
+            ),
+            'CancelRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRound,
+                    request_deserializer=secagg__pb2.CancelRoundRequest.FromString,
+                    response_serializer=secagg__pb2.RoundStatus.SerializeToString,
+            ),
+            'ListRounds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRounds,
+                    request_deserializer=secagg__pb2.ListRoundsRequest.FromString,
+                    response_serializer=secagg__pb2.RoundList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +303,60 @@ class Aggregator:
             '/secagg.v1.Aggregator/FetchAggregate',
             secagg__pb2.FetchRequest.SerializeToString,
             secagg__pb2.AggregateMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Aggregator/CancelRound',
+            secagg__pb2.CancelRoundRequest.SerializeToString,
+            secagg__pb2.RoundStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Aggregator/ListRounds',
+            secagg__pb2.ListRoundsRequest.SerializeToString,
+            secagg__pb2.RoundList.FromString,
             options,
             channel_credentials,
             insecure,

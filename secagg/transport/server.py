@@ -26,7 +26,7 @@ from secagg.errors import EnvelopeError, PrivacyError, SecAggError, TransportErr
 from secagg.metrics import Metrics, MetricsEndpoint
 from secagg.packing import ModelSpec
 from secagg.privacy.mechanism import DPConfig
-from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus
+from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.auth import Authorizer
@@ -47,6 +47,11 @@ def status_to_pb(s: RoundStatus, spec: ModelSpec) -> pb.RoundStatus:
         epsilon_round=s.epsilon_round, epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or 0.0,
         delta=s.delta or 0.0, min_cohort=s.min_cohort,
     )
+
+
+def summary_to_pb(s: RoundSummary) -> pb.RoundSummary:
+    return pb.RoundSummary(round_id=s.round_id, state=s.state, submitted=s.submitted, expected=s.expected,
+                           created_unix=s.created_unix or 0.0, reason=s.reason)
 
 
 def _dp_from_json(text: str) -> DPConfig | None:
@@ -103,6 +108,21 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         try:
             self.auth.caller(context)
             return status_to_pb(self.core.status(request.round_id), self.core.round_config(request.round_id).spec)
+        except SecAggError as exc:
+            abort(context, exc)
+
+    def CancelRound(self, request, context):
+        try:
+            who = self.auth.check_admin(context, "cancel rounds")
+            status = self.core.cancel_round(request.round_id, request.reason, by=who.name if who else None)
+            return status_to_pb(status, self.core.round_config(request.round_id).spec)
+        except SecAggError as exc:
+            abort(context, exc)
+
+    def ListRounds(self, request, context):
+        try:
+            self.auth.caller(context)
+            return pb.RoundList(rounds=[summary_to_pb(s) for s in self.core.list_rounds()])
         except SecAggError as exc:
             abort(context, exc)
 

@@ -50,8 +50,9 @@ def error_from_rpc(err: grpc.RpcError, server: str, hint: str = "") -> e.SecAggE
     code = err.code()
     detail = err.details() or str(code)
     if code == grpc.StatusCode.UNAVAILABLE:
+        # With a hint the handshake failed (TLS settings): trying again cannot help.
         return e.TransportError(f"cannot reach the aggregator at {server} ({detail}); "
-                                f"{hint or 'check --server and that it runs'}")
+                                f"{hint or 'check --server and that it runs'}", transient=not hint)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return e.TransportError(f"the aggregator at {server} did not answer in time; try again")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

@@ -193,7 +193,7 @@ def test_demo_quick(tmp_path: Path) -> None:
         assert stage in rep["seconds"]
     assert "encrypted weight average" in proc.stdout
     # The recommended merge ran through its encrypted rounds and chose one of its candidates.
-    assert rep["auto"]["encrypted_steps"] >= 5 and rep["auto"]["chosen"] in rep["auto"]["scores"]
+    assert rep["auto"]["encrypted_steps"] >= 5 and rep["auto"]["chosen"] in rep["auto"]["scores"]["candidates"]
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sc = rep["descaling_mae_people_per_hour"]
     assert sc["other_site_scaler_mae"] > sc["own_scaler_mae"]

@@ -3,7 +3,8 @@
 Every site has its own synthetic series (a sine of its own period, phase and amplitude plus
 noise, standardized), cut into windows of ``WINDOW`` steps that predict the next value, and its
 own independently trained model: ``LSTM(6) -> Dense(1)`` in Keras, or a
-:func:`~secagg.merge.network.make_torch_regressor` of the same shape in PyTorch. Site sizes are
+:func:`~secagg.merge.network.make_torch_regressor` of the same shape in PyTorch (a state dict: merging
+it needs the module, :data:`TORCH_MODULE` with :func:`torch_kwargs`). Site sizes are
 chosen so that weighting by the number of TRAINING samples (the first 80%, see
 ``secagg.merge.methods.Site``) differs measurably from weighting by all samples.
 
@@ -27,6 +28,18 @@ UNITS = 6
 SITE_SIZES = (301, 257, 349)  # 80% cuts: 240, 205, 279 -- not proportional to the totals
 VAL_FRACTION = 0.2
 RIDGE = 1e-3  # secagg.merge.methods.RIDGE, restated: the references must not import it
+#: The torch sites' nn.Module, in the string form the command line takes (--torch-model).
+TORCH_MODULE = "secagg.merge.torch_view:make_torch_regressor"
+
+
+def torch_kwargs(units: int = UNITS, kind: str = "lstm") -> dict:
+    """The constructor arguments of :data:`TORCH_MODULE` for the torch sites' models (--torch-kwargs)."""
+    return {"input_dim": 1, "units": [units], "dense": [1], "kind": kind}
+
+
+def torch_options(model: Path | str) -> dict:
+    """``torch_module``/``torch_kwargs`` for a site's model file: the sites' module for a .pt file, none for Keras."""
+    return {"torch_module": TORCH_MODULE, "torch_kwargs": torch_kwargs()} if Path(model).suffix == ".pt" else {}
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,10 @@ class MergeHelpers:
     with_ones = staticmethod(with_ones)
     pooled_ridge = staticmethod(pooled_ridge)
     read_tensors = staticmethod(read_tensors)
+    RIDGE = RIDGE
+    TORCH_MODULE = TORCH_MODULE
+    torch_kwargs = staticmethod(torch_kwargs)
+    torch_options = staticmethod(torch_options)
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +248,8 @@ class SimulationCache:
         if key not in self.results:
             out = self.root / f"global{len(self.results)}{suffix}"
             self.results[key] = simulate(method, [s.pair() for s in sites], out, finetune_rounds=finetune_rounds,
-                                         workdir=self.root / f"work{len(self.results)}")
+                                         workdir=self.root / f"work{len(self.results)}",
+                                         **torch_options(sites[0].model))
         return self.results[key]
 
 

@@ -3,7 +3,10 @@
 The good model is a trained site model on its own data. The broken ones are made from it:
 hidden units reordered without reordering the next layer's inputs (``permuted``), the output
 layer scaled down (``damped``), and a data file whose raw targets were normalized with this
-site's own scaler, diagnosed with another site's scaler (``descaling``).
+site's own scaler, diagnosed with another site's scaler (``descaling``, and ``scaler_ok`` false
+alongside any verdict). Models the numpy merge view does not cover (Normalization,
+Bidirectional, BatchNormalization, a TimeDistributed head; PyTorch modules) are run in their
+framework and checked against the framework's own predictions.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from secagg.errors import SecAggError
 from secagg.merge import load_network, permute_units
 from secagg.merge.diagnose import diagnose
 from secagg.models import write_model
+from secagg.scaler import Scaler
 
 OWN = {"mean": 3.0, "std": 0.5, "log1p": True}  # the site's own scaler: z = (log1p(v) - 3) / 0.5
 OTHER = {"mean": 4.2, "std": 1.3, "log1p": True}  # another site's, quite different
@@ -148,18 +152,68 @@ def test_descaling_with_another_sites_scaler(mh, good, raw_data):
     ref = reference(mh, good.model, good)
     check_numbers(d, ref, len(good.x))
     assert d.verdict == "descaling", d
-    assert d.raw_rmse == pytest.approx(raw_rmse(ref["pred"], y_raw, OTHER), rel=1e-6)
-    assert d.raw_rmse_own_scaler == pytest.approx(raw_rmse(ref["pred"], y_raw, OWN), rel=1e-6)
+    assert d.scaler_ok is False
+    assert d.raw_rmse == pytest.approx(raw_rmse(ref["pred"], y_raw, OTHER), rel=1e-5)
+    assert d.raw_rmse_own_scaler == pytest.approx(raw_rmse(ref["pred"], y_raw, OWN), rel=1e-5)
     assert d.raw_rmse > 1.5 * d.raw_rmse_own_scaler
-    assert "own statistics" in d.advice and "scaler" in d.advice
+    # The true targets de-scaled with the other scaler are as far from y_raw as OTHER is from OWN.
+    assert d.scaler_error == pytest.approx(raw_rmse(good.y[:, 0], y_raw, OTHER), rel=1e-5)
+    assert d.own_scaler["kind"] == "standard" and d.own_scaler["log1p"] is True
+    assert d.own_scaler["mean"][0] == pytest.approx(OWN["mean"], abs=1e-4)
+    assert d.own_scaler["std"][0] == pytest.approx(OWN["std"], rel=1e-4)
+    assert "own statistics" in d.advice and "never another site's scaler" in d.advice
 
 
 def test_own_scaler_is_ok(mh, good, raw_data):
     data, own, _, y_raw = raw_data
     d = diagnose(good.model, data, own)
     assert d.verdict == "ok", d
+    assert d.scaler_ok is True and d.scaler_error < 1e-3
     assert d.raw_rmse == pytest.approx(d.raw_rmse_own_scaler, rel=1e-6)
-    assert d.raw_rmse == pytest.approx(raw_rmse(reference(mh, good.model, good)["pred"], y_raw, OWN), rel=1e-6)
+    assert d.raw_rmse == pytest.approx(raw_rmse(reference(mh, good.model, good)["pred"], y_raw, OWN), rel=1e-5)
+    assert "never another site's scaler" not in d.advice
+
+
+def test_wrong_scaler_is_reported_with_a_damped_model(mh, good, raw_data, tmp_path):
+    """The damped verdict used to hide the scaler check: both problems are reported now."""
+    data, own, other, _ = raw_data
+    tensors = {k: v * (0.3 if k.startswith("out/") else 1.0) for k, v in mh.read_tensors(good.model).items()}
+    damped = write_model(good.model, tensors, tmp_path / "damped.keras")
+    d = diagnose(damped, data, other)
+    assert d.verdict == "damped", d
+    assert d.scaler_ok is False and d.raw_rmse > 1.5 * d.raw_rmse_own_scaler
+    assert "readout" in d.advice and "never another site's scaler" in d.advice
+    d = diagnose(damped, data, own)
+    assert d.verdict == "damped" and d.scaler_ok is True, d
+
+
+def test_minmax_scalers(mh, good, tmp_path):
+    """Data normalized with the site's own log1p min-max scaler; another site's min-max scaler is caught."""
+    own = Scaler("minmax", True, min=[2.0], max=[6.0], feature_range=(-1.0, 1.0))
+    other = Scaler("minmax", True, min=[0.5], max=[4.0], feature_range=(-1.0, 1.0))
+    y = good.y.astype(np.float32).astype(np.float64)
+    y_raw = own.inverse(y)
+    data = mh.save_data(tmp_path / "mm.npz", good.x.astype(np.float32), good.y.astype(np.float32), y_raw=y_raw)
+    other.save(tmp_path / "other.json")
+    own.save(tmp_path / "own.json")
+    pred = reference(mh, good.model, good)["pred"]
+
+    d = diagnose(good.model, data, tmp_path / "other.json")
+    assert d.verdict == "descaling" and d.scaler_ok is False, d
+    assert d.own_scaler["kind"] == "minmax" and d.own_scaler["feature_range"] == [-1.0, 1.0]
+    assert d.own_scaler["min"][0] == pytest.approx(2.0, abs=1e-4)
+    assert d.own_scaler["max"][0] == pytest.approx(6.0, abs=1e-4)
+    want_own = float(np.sqrt(np.mean((own.inverse(pred) - y_raw[:, 0]) ** 2)))
+    assert d.raw_rmse_own_scaler == pytest.approx(want_own, rel=1e-4)
+    d = diagnose(good.model, data, tmp_path / "own.json")
+    assert d.verdict == "ok" and d.scaler_ok is True, d
+
+
+def test_scaler_of_several_features(mh, good, raw_data, tmp_path):
+    data, _, _, _ = raw_data
+    both = Scaler("standard", True, mean=[9.0, OWN["mean"]], std=[2.0, OWN["std"]])
+    assert diagnose(good.model, data, both, column=1).scaler_ok is True
+    assert diagnose(good.model, data, both, column=0).scaler_ok is False
 
 
 def test_descaling_without_log1p(mh, good, tmp_path):
@@ -180,11 +234,74 @@ def test_diagnose_errors(good, raw_data, tmp_path):
         diagnose(good.model, good.data, own)
     (tmp_path / "bad.json").write_text(json.dumps({"mean": 1.0}))
     data, _, _, _ = raw_data
-    with pytest.raises(SecAggError, match="a scaler is JSON with 'mean', 'std'"):
+    with pytest.raises(SecAggError, match=r"bad.json: a scaler is JSON with 'version' and 'kind'.*missing \['std'\]"):
         diagnose(good.model, data, tmp_path / "bad.json")
+    np.savez(tmp_path / "short.npz", x=good.x, y=good.y, y_raw=good.y[:5])
+    with pytest.raises(SecAggError, match="'y_raw' has 5 values but 'y' has"):
+        diagnose(good.model, tmp_path / "short.npz", own)
+    np.savez(tmp_path / "two.npz", x=good.x, y=np.hstack([good.y, good.y]))
+    with pytest.raises(SecAggError, match=r"gives \(1,\) per sample but .* has 2 target"):
+        diagnose(good.model, tmp_path / "two.npz")
     np.savez(tmp_path / "no_y.npz", x=good.x)
     with pytest.raises(SecAggError, match="arrays 'x' and 'y'"):
         diagnose(good.model, tmp_path / "no_y.npz")
+
+
+# -- models the numpy merge view does not run ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layered(mh, good, tmp_path_factory):
+    """Normalization -> Bidirectional LSTM (sequences) -> BatchNormalization -> TimeDistributed Dense,
+    trained briefly on the good site's next-step targets at every step; output (n, T, 1)."""
+    keras = mh.keras_module()
+    keras.utils.set_random_seed(5)
+    x = good.x.astype(np.float32)
+    y_seq = np.concatenate([x[:, 1:, 0], good.y.astype(np.float32)], axis=1)  # the next value after each step
+    norm = keras.layers.Normalization(name="norm")
+    norm.adapt(x)
+    model = keras.Sequential([keras.Input((mh.WINDOW, 1)), norm,
+                              keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True), name="bi"),
+                              keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.TimeDistributed(keras.layers.Dense(1), name="td")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x, y_seq[..., None], epochs=15, batch_size=32, verbose=0)
+    root = tmp_path_factory.mktemp("layered")
+    model.save(root / "layered.keras")
+    last = mh.save_data(root / "last.npz", x, good.y.astype(np.float32))
+    every = mh.save_data(root / "every.npz", x, y_seq)
+    return root / "layered.keras", last, every, y_seq
+
+
+def test_keras_model_with_layers_the_merge_view_lacks(mh, good, layered):
+    path, last, every, y_seq = layered
+    out = mh.keras_predict(path, good.x)  # Keras' own forward pass, independent of diagnose
+    assert out.shape == (len(good.x), mh.WINDOW, 1)
+
+    d = diagnose(path, last)  # y is (n, 1): the last step is compared
+    pred, truth = out[:, -1, 0], good.y[:, 0]
+    assert d.compared == "last step" and d.samples == len(good.x)
+    assert d.correlation == pytest.approx(np.corrcoef(pred, truth)[0, 1], abs=1e-6)
+    assert d.slope == pytest.approx(np.polyfit(truth, pred, 1)[0], abs=1e-6)
+    assert d.correlation > 0.6 and d.verdict in ("ok", "damped"), d
+
+    d = diagnose(path, every)  # y is (n, T): every step is compared
+    pred, truth = out[:, :, 0].reshape(-1), y_seq.astype(np.float64).reshape(-1)
+    assert d.compared == "all steps"
+    assert d.correlation == pytest.approx(np.corrcoef(pred, truth)[0, 1], abs=1e-6)
+    assert d.nrmse == pytest.approx(np.sqrt(np.mean((pred - truth) ** 2)) / np.std(truth), abs=1e-6)
+
+
+def test_pytorch_model_runs_with_its_module(mh, torch_sites):
+    from secagg.merge import make_torch_regressor
+
+    site = torch_sites[0]
+    with pytest.raises(SecAggError, match="--torch-model"):
+        diagnose(site.model, site.data)
+    d = diagnose(site.model, site.data, torch_module=lambda: make_torch_regressor(1, [mh.UNITS], [1]))
+    pred, truth = mh.torch_predict(site.model, site.x)[:, 0], site.y[:, 0]
+    assert d.correlation == pytest.approx(np.corrcoef(pred, truth)[0, 1], abs=1e-6)
+    assert d.verdict == "ok", d
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -203,6 +320,7 @@ def test_cli_diagnose(cli, good, raw_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["verdict"] == "descaling" and report["raw_rmse"] > 1.5 * report["raw_rmse_own_scaler"]
+    assert report["scaler_ok"] is False and report["own_scaler"]["kind"] == "standard"
 
     proc = cli("diagnose", "--model", str(tmp_path / "missing.keras"), "--data", str(good.data))
     assert proc.returncode == 1 and proc.stdout == ""

@@ -128,35 +128,54 @@ def pooled_val_mse(mh, tensors, sites) -> float:
     return float(np.dot(errors, counts) / np.sum(counts))
 
 
+def pooled_nrmse(mse: float, sites) -> float:
+    """sqrt(pooled MSE / pooled variance of the validation targets), each site's variance about its own mean."""
+    variances = [float(np.mean((s.y_val - s.y_val.mean(axis=0)) ** 2)) for s in sites]
+    counts = [len(s.x_val) for s in sites]
+    return float(np.sqrt(mse / (np.dot(variances, counts) / np.sum(counts))))
+
+
+#: Scores are reported rounded to 6 decimals, from CKKS sums of MSEs (TOL each) under a square root.
+SCORE_TOL = 5e-6
+
+
 def test_auto_scores_and_choice(mh, simulated, keras_sites):
     result = simulated(keras_sites, "auto")
-    scores = result.chosen["scores"]
+    report = result.chosen["scores"]
+    scores = report["candidates"]
     assert set(scores) == {"mean", "align", "align+regmean", "align+repair", "mean+readout", "align+readout",
                            "align+regmean+readout", "align+repair+readout"}
+    assert report["dropped"] == {} and report["skipped"] == {}
+    assert "nRMSE" in report["metric"]
     assert result.chosen["chosen"] == min(scores, key=scores.get)
 
     mean = weighted_reference(mh, keras_sites, train_counts(keras_sites))
-    assert abs(scores["mean"] - pooled_val_mse(mh, mean, keras_sites)) <= TOL
+    assert abs(scores["mean"] - pooled_nrmse(pooled_val_mse(mh, mean, keras_sites), keras_sites)) <= SCORE_TOL
     w = mh.pooled_ridge([mh.lstm_features(mean, s.x_train) for s in keras_sites], [s.y_train for s in keras_sites])
     refit = {**mean, "out/kernel": w[:-1], "out/bias": w[-1]}
-    assert abs(scores["mean+readout"] - pooled_val_mse(mh, refit, keras_sites)) <= TOL
+    assert abs(scores["mean+readout"] - pooled_nrmse(pooled_val_mse(mh, refit, keras_sites), keras_sites)) <= SCORE_TOL
+    # Beside them, every site's own model on its own validation data.
+    own = [float(np.mean((mh.lstm_forward(mh.read_tensors(s.model), s.x_val) - s.y_val) ** 2)) for s in keras_sites]
+    own_mse = float(np.dot(own, [len(s.x_val) for s in keras_sites]) / sum(len(s.x_val) for s in keras_sites))
+    assert abs(report["sites_own_models"] - pooled_nrmse(own_mse, keras_sites)) <= SCORE_TOL
     # The returned model is the chosen candidate: its pooled validation error is the winning score.
-    assert abs(pooled_val_mse(mh, mh.read_tensors(result.out), keras_sites) - scores[result.chosen["chosen"]]) <= 1e-5
-    # Independently trained models: the plain average is much worse than a readout refit.
-    assert scores["mean"] > 2 * scores["mean+readout"]
+    chosen_mse = pooled_val_mse(mh, mh.read_tensors(result.out), keras_sites)
+    assert abs(pooled_nrmse(chosen_mse, keras_sites) - scores[result.chosen["chosen"]]) <= 1e-5
+    # Independently trained models: the plain average is much worse than a readout refit (MSE more than twice).
+    assert scores["mean"] ** 2 > 2 * scores["mean+readout"] ** 2
 
 
 # -- alignment -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def permuted_copies(tmp_path_factory, keras_sites, torch_sites):
+def permuted_copies(mh, tmp_path_factory, keras_sites, torch_sites):
     """Per framework: the original model file and three sites holding it with different unit orders."""
     root = tmp_path_factory.mktemp("permuted")
     copies = {}
     for family, sites in (("keras", keras_sites), ("torch", torch_sites)):
         original = sites[0]
-        net = load_network(original.model)
+        net = load_network(original.model, **mh.torch_options(original.model))
         permuted = []
         for k in range(3):
             path = write_model(original.model, apply_permutations(net, random_perms(net, 10 + k)).to_tensors(),

@@ -41,6 +41,42 @@ def test_three_site_processes_build_the_same_global_model(serve_process, cli_pop
     np.testing.assert_allclose(mh.keras_predict(tmp_path / "g0.keras", x), reference.network.forward(x), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_torch_site_processes_name_their_module(serve_process, cli_popen, keypair, torch_sites, mh, tmp_path):
+    """PyTorch sites run `secagg merge` with --torch-model/--torch-kwargs: the state dict alone is not a model."""
+    server = serve_process(state_dir=tmp_path / "state")
+    sites = torch_sites  # the aggregator releases no sum of fewer than 3 contributions
+    torch_args = ["--torch-model", mh.TORCH_MODULE, "--torch-kwargs", json.dumps(mh.torch_kwargs())]
+    procs = [
+        cli_popen("merge", "--server", server.address, "--round", "t1", "--key", str(keypair.client),
+                  "--client-id", f"site{i}", "--model", str(s.model), "--data", str(s.data), *torch_args,
+                  "--method", "mean", "--clients", "3", "--wait", "120", "--out", str(tmp_path / f"g{i}.pt"))
+        for i, s in enumerate(sites)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+        assert json.loads(out)["method"] == "mean"
+    # The training-count weighted average of the sites' state dicts, in the file's own names and order.
+    tensors = [mh.read_tensors(s.model) for s in sites]
+    w = np.array([len(s.x_train) for s in sites], np.float64)
+    for i in range(3):
+        got = mh.read_tensors(tmp_path / f"g{i}.pt")
+        assert list(got) == list(tensors[0])
+        for name in got:
+            want = sum(wi * t[name] for wi, t in zip(w, tensors)) / w.sum()
+            assert float(np.max(np.abs(got[name] - want))) <= 1e-6, name
+    x = sites[0].x_val
+    np.testing.assert_allclose(mh.torch_predict(tmp_path / "g0.pt", x), mh.lstm_forward(got, x), atol=1e-5)
+    # Without the module a site stops before taking part, and says how to give it.
+    proc = cli_popen("merge", "--server", server.address, "--round", "t2", "--key", str(keypair.client),
+                     "--client-id", "site0", "--model", str(sites[0].model), "--data", str(sites[0].data),
+                     "--method", "mean", "--clients", "3", "--wait", "5", "--out", str(tmp_path / "h.pt"))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "--torch-model" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "h.pt").exists()
+
+
 def test_shared_scaler_equals_pooled_statistics(tmp_path):
     paths = secagg.keygen(tmp_path / "keys")
     key = secagg.load_client_key(paths.client)

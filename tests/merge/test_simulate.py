@@ -71,7 +71,7 @@ def test_every_method_runs_encrypted_and_writes_a_loadable_model(mh, simulated, 
     for name, value in result.tensors.items():
         np.testing.assert_array_equal(got[name], value.astype(np.float64), err_msg=name)
     if method == "auto":
-        assert result.chosen["chosen"] in result.chosen["scores"]
+        assert result.chosen["chosen"] in result.chosen["scores"]["candidates"]
     else:
         assert result.chosen == {}
 
@@ -100,11 +100,11 @@ def test_init_starts_every_site_from_one_initialization(mh, simulated, keras_sit
 
 
 @pytest.mark.parametrize("family", ["keras", "torch"])
-def test_fresh_initialization_is_the_same_at_every_site(family, keras_sites, torch_sites):
+def test_fresh_initialization_is_the_same_at_every_site(mh, family, keras_sites, torch_sites):
     """Every site draws the common start from the seed alone (Keras's own seeded initializers gave
     different values at different sites, and their average was a shrunken start)."""
     sites = keras_sites if family == "keras" else torch_sites
-    loaded = [load_site(f"s{i}", *s.pair(), seed=i) for i, s in enumerate(sites)]
+    loaded = [load_site(f"s{i}", *s.pair(), seed=i, **mh.torch_options(s.model)) for i, s in enumerate(sites)]
     fresh = [site.reinit(site.network, 0) for site in loaded]
     first = fresh[0].to_tensors()
     for other in fresh[1:]:
@@ -155,8 +155,9 @@ def test_torch_sites(mh, simulated, torch_sites, method, finetune):
     np.testing.assert_allclose(mh.torch_predict(result.out, x), result.network.forward(x), atol=1e-5, rtol=0)
     assert list(mh.read_tensors(result.out)) == list(mh.read_tensors(torch_sites[0].model))
     if method == "auto":
-        scores = result.chosen["scores"]
+        scores = result.chosen["scores"]["candidates"]
         assert result.chosen["chosen"] == min(scores, key=scores.get)
+        assert result.chosen["scores"]["skipped"] == {}  # an LSTM: every candidate applies
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -191,31 +192,109 @@ def test_pipeline_errors_come_before_any_round(tmp_path, keras_sites):
 
 
 @pytest.fixture(scope="module")
-def gru_sites(mh, tmp_path_factory, keras_sites):
-    """Two sites with (untrained, differently initialized) PyTorch GRU regressors."""
+def gru_sites(tmp_path_factory, keras_sites):
+    """Two sites with (untrained, differently initialized) PyTorch GRU regressors (GRU(4) -> Linear(1))."""
     import torch
 
     from secagg.merge import make_torch_regressor
 
     root = tmp_path_factory.mktemp("gru")
-    pairs = []
+    sites = []
     for i, site in enumerate(keras_sites[:2]):
         torch.manual_seed(i)
-        torch.save(make_torch_regressor(1, [4], [1], kind="gru").state_dict(), root / f"gru{i}.pt")
-        pairs.append((str(root / f"gru{i}.pt"), str(site.data)))
-    return pairs
+        torch.save(make_torch_regressor(1, [GRU_UNITS], [1], kind="gru").state_dict(), root / f"gru{i}.pt")
+        sites.append(type(site)(root / f"gru{i}.pt", site.data, site.x, site.y))
+    return sites
 
 
-def test_regmean_refuses_gru(gru_sites):
-    for method in ("regmean", "align+regmean+readout"):
-        with pytest.raises(SecAggError, match="'regmean' merges LSTM and Dense layers only"):
-            simulate(method, gru_sites)
+GRU_UNITS = 4
+REGMEAN_ALPHA = 0.9  # secagg.merge.methods.regmean's default, restated: the reference must not import it
 
 
-def test_auto_on_gru_skips_regmean(gru_sites):
-    result = simulate("auto", gru_sites)
-    check_steps(result, ["mean", "align1", "align2", "auto-readout", "score"], sites=2)
-    assert set(result.chosen["scores"]) == {"mean", "align", "mean+readout", "align+readout"}
+def gru_options(mh) -> dict:
+    return {"torch_module": mh.TORCH_MODULE, "torch_kwargs": mh.torch_kwargs(GRU_UNITS, "gru")}
+
+
+def gru_module(tensors: dict[str, np.ndarray]):
+    """PyTorch's own GRU regressor holding ``tensors``."""
+    import torch
+
+    from secagg.merge import make_torch_regressor
+
+    module = make_torch_regressor(1, [GRU_UNITS], [1], kind="gru")
+    module.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in tensors.items()})
+    return module.eval()
+
+
+def permuted_gru(tensors: dict[str, np.ndarray], q: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The GRU regressor's tensors with hidden unit j taken from unit q[j] (torch layout: 3 gate blocks of rows)."""
+    q = np.asarray(q)
+    rows = np.concatenate([k * GRU_UNITS + q for k in range(3)])
+    return {"rnn.weight_ih_l0": tensors["rnn.weight_ih_l0"][rows],
+            "rnn.weight_hh_l0": tensors["rnn.weight_hh_l0"][rows][:, q],
+            "rnn.bias_ih_l0": tensors["rnn.bias_ih_l0"][rows], "rnn.bias_hh_l0": tensors["rnn.bias_hh_l0"][rows],
+            "head.0.weight": tensors["head.0.weight"][:, q], "head.0.bias": tensors["head.0.bias"]}
+
+
+def test_regmean_merges_gru(mh, tmp_path, gru_sites):
+    """GRU layers are not linear maps: regmean averages them (after alignment) and solves the Dense layer."""
+    import itertools
+
+    import torch
+
+    result = simulate("align+regmean", [s.pair() for s in gru_sites], tmp_path / "g.pt", workdir=tmp_path / "w",
+                      **gru_options(mh))
+    check_steps(result, [*ALIGN_STEPS, "regmean"], sites=2)
+    got = mh.read_tensors(result.out)
+    own = [mh.read_tensors(s.model) for s in gru_sites]
+    n = np.array([len(s.x_train) for s in gru_sites], np.float64)
+    gru_names = [k for k in got if k.startswith("rnn.")]
+    # The GRU tensors are the training-count weighted average of the sites' models, each site's units in
+    # the order that matches them (found here by trying every pair of unit orders).
+    orders = list(itertools.permutations(range(GRU_UNITS)))
+    best, aligned = np.inf, None
+    for qs in itertools.product(orders, repeat=len(gru_sites)):
+        models = [permuted_gru(t, q) for t, q in zip(own, qs)]
+        diff = max(float(np.max(np.abs(sum(w * m[k] for w, m in zip(n, models)) / n.sum() - got[k])))
+                   for k in gru_names)
+        if diff < best:
+            best, aligned = diff, models
+    assert best <= 1e-6
+    # The Dense layer is RegMean's: (alpha G + (1 - alpha) diag G + ridge)^-1 sum(G_i W_i) over the pooled Gram
+    # matrices of its inputs [h, 1] (each aligned site model's GRU features on its training windows).
+    grams, cross = [], []
+    for site, tensors in zip(gru_sites, aligned):
+        with torch.no_grad():
+            out, _ = gru_module(tensors).rnn(torch.from_numpy(site.x_train.astype(np.float32)))
+        h = mh.with_ones(out[:, -1].numpy().astype(np.float64))
+        w = np.vstack([tensors["head.0.weight"].T, tensors["head.0.bias"][None]])
+        grams.append(h.T @ h / len(h))
+        cross.append(grams[-1] @ w)
+    g = sum(wi * gi for wi, gi in zip(n, grams)) / n.sum()
+    gw = sum(wi * c for wi, c in zip(n, cross)) / n.sum()
+    shrunk = REGMEAN_ALPHA * g + (1 - REGMEAN_ALPHA) * np.diag(np.diag(g))
+    want = np.linalg.solve(shrunk + mh.RIDGE * np.eye(len(g)) * np.trace(g) / len(g), gw)
+    got_w = np.vstack([got["head.0.weight"].T, got["head.0.bias"][None]])
+    np.testing.assert_allclose(got_w, want, atol=1e-5, rtol=0)
+    plain = sum(wi * np.vstack([m["head.0.weight"].T, m["head.0.bias"][None]]) for wi, m in zip(n, aligned)) / n.sum()
+    assert float(np.max(np.abs(want - plain))) > 1e-2  # RegMean is not the plain average here
+    # PyTorch's own module runs the written file as the merged network computes.
+    x = gru_sites[0].x_val
+    with torch.no_grad():
+        framework = gru_module(got)(torch.from_numpy(x.astype(np.float32))).numpy()
+    np.testing.assert_allclose(result.network.forward(x), framework, atol=1e-5)
+
+
+def test_auto_on_gru_includes_regmean_and_skips_repair(mh, gru_sites):
+    result = simulate("auto", [s.pair() for s in gru_sites], **gru_options(mh))
+    check_steps(result, ["mean", "align1", "align2", "regmean", "auto-readout", "score"], sites=2)
+    report = result.chosen["scores"]
+    assert set(report["candidates"]) == {"mean", "align", "align+regmean", "mean+readout", "align+readout",
+                                         "align+regmean+readout"}
+    assert report["dropped"] == {}
+    assert set(report["skipped"]) == {"align+repair"}
+    assert "GRU" in report["skipped"]["align+repair"]
+    assert result.chosen["chosen"] == min(report["candidates"], key=report["candidates"].get)
 
 
 def test_fewer_than_two_sites(keras_sites):
@@ -231,6 +310,25 @@ def test_mismatched_architectures(mh, tmp_path, keras_sites):
     sites = [keras_sites[0].pair(), (str(tmp_path / "lstm5.keras"), str(keras_sites[1].data))]
     with pytest.raises(ModelFormatError, match=r"architecture.*lstm/lstm_cell/kernel"):
         simulate("mean", sites)
+
+
+def test_a_contribution_beyond_the_steps_bound_is_refused_in_the_merges_terms(mh, tmp_path, keras_sites):
+    """A weight beyond 100 cannot travel in a weight exchange: the error names the step and the site, and does not
+    advise --value-bound, which simulate does not have."""
+    from secagg.models import read_model, write_model
+
+    tensors = read_model(keras_sites[0].model)
+    name = next(iter(tensors))
+    big = dict(tensors)
+    big[name] = tensors[name].copy()
+    big[name].flat[0] = 500.0
+    path = write_model(keras_sites[0].model, big, tmp_path / "big.keras")
+    sites = [(str(path), str(keras_sites[0].data))] + [s.pair() for s in keras_sites[1:]]
+    with pytest.raises(SecAggError) as info:
+        simulate("mean", sites, workdir=tmp_path / "work")
+    message = str(info.value)
+    assert "merge step 'mean'" in message and "site0" in message and "500" in message
+    assert "--value-bound" not in message
 
 
 def test_mixed_model_formats(keras_sites, torch_sites):
@@ -283,17 +381,66 @@ def test_cli_simulate(mh, cli, tmp_path, keras_sites):
 
 @pytest.mark.slow
 def test_cli_simulate_errors(cli, tmp_path, keras_sites):
-    proc = cli("simulate", "--method", "bogus", "--out", str(tmp_path / "g.keras"), *site_args(keras_sites[:2]))
+    proc = cli("simulate", "--quiet", "--method", "bogus", "--out", str(tmp_path / "g.keras"),
+               *site_args(keras_sites[:2]))
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("secagg: error: unknown merge method 'bogus'"), proc.stderr
     assert not (tmp_path / "g.keras").exists()
+    # Without --quiet, progress lines come first; the error is still one line, the last.
+    proc = cli("simulate", "--method", "bogus", "--out", str(tmp_path / "g.keras"), *site_args(keras_sites[:2]))
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("secagg: error: unknown merge method 'bogus'"), proc.stderr
+    assert sum(line.startswith("secagg: error:") for line in lines) == 1
+    assert not (tmp_path / "g.keras").exists()
 
 
-def test_repair_refuses_gru(gru_sites):
-    with pytest.raises(SecAggError, match="'repair' corrects LSTM and Dense units only"):
-        simulate("align+repair", gru_sites)
+def torch_cli_args(mh) -> list[str]:
+    return ["--torch-model", mh.TORCH_MODULE, "--torch-kwargs", json.dumps(mh.torch_kwargs())]
+
+
+@pytest.mark.slow
+def test_cli_simulate_torch(mh, cli, tmp_path, torch_sites):
+    """PyTorch sites through the command: the module is named with --torch-model and built with --torch-kwargs."""
+    out = tmp_path / "global.pt"
+    proc = cli("simulate", "--method", "mean", "--out", str(out), *torch_cli_args(mh), *site_args(torch_sites))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["method"] == "mean" and report["out"] == str(out)
+    tensors = [mh.read_tensors(s.model) for s in torch_sites]
+    w = np.array([len(s.x_train) for s in torch_sites], np.float64)
+    got = mh.read_tensors(out)
+    assert list(got) == list(tensors[0])
+    for name in tensors[0]:
+        want = sum(wi * t[name] for wi, t in zip(w, tensors)) / w.sum()
+        assert float(np.max(np.abs(got[name] - want))) <= 1e-6, name
+    x = torch_sites[0].x_val
+    np.testing.assert_allclose(mh.torch_predict(out, x), mh.lstm_forward(got, x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_simulate_torch_needs_the_module(mh, cli, tmp_path, torch_sites):
+    proc = cli("simulate", "--quiet", "--method", "mean", "--out", str(tmp_path / "g.pt"), *site_args(torch_sites[:2]))
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secagg: error: ") and "--torch-model" in lines[0], proc.stderr
+    proc = cli("simulate", "--method", "mean", "--out", str(tmp_path / "g.pt"), "--torch-model", mh.TORCH_MODULE,
+               "--torch-kwargs", "[1, 2]", *site_args(torch_sites[:2]))
+    assert proc.returncode == 1 and "--torch-kwargs must be a JSON object" in proc.stderr
+    assert not (tmp_path / "g.pt").exists()
+
+
+def test_torch_sites_need_the_module(torch_sites):
+    with pytest.raises(ModelFormatError, match="--torch-model"):
+        simulate("mean", [s.pair() for s in torch_sites[:2]])
+
+
+def test_repair_refuses_gru(mh, tmp_path, gru_sites):
+    with pytest.raises(SecAggError, match=r"'repair' corrects chains of LSTM and Dense layers only, not GRU\(4\)"):
+        simulate("align+repair", [s.pair() for s in gru_sites], workdir=tmp_path / "w", **gru_options(mh))
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("round.json"))  # before any round
 
 
 # -- client-level DP ---------------------------------------------------------------------------------

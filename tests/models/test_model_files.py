@@ -12,6 +12,7 @@ import pytest
 
 from secagg.errors import ModelFormatError
 from secagg.models import SUPPORTED_SUFFIXES, read_model, write_model
+from secagg.packing import ModelTensors
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,11 +127,17 @@ def test_npz_write_errors(tmp_path, npz_file):
     with pytest.raises(ModelFormatError, match=r"'dense/kernel' has shape \(3, 7\).*\(7, 3\)"):
         write_model(path, bad, tmp_path / "out.npz")
 
+    # Names that are not the template's are matched by position; a missing or extra tensor is named
+    # with both sides.
     missing = {k: v for k, v in good.items() if k != "scalar"}
-    with pytest.raises(ModelFormatError, match="'scalar' .* missing"):
+    with pytest.raises(ModelFormatError, match=r"at tensor 4 of 6 \(the template has 6 tensors, the tensors to write "
+                                               r"have 5\): the template has 'scalar' \(\) float16, the tensors to "
+                                               r"write have 'counts' \(5,\) int32\. Names may differ"):
         write_model(path, missing, tmp_path / "out.npz")
 
-    with pytest.raises(ModelFormatError, match="'extra' is not in template"):
+    with pytest.raises(ModelFormatError, match=r"at tensor 7 of 6 \(the template has 6 tensors, the tensors to write "
+                                               r"have 7\): the template has no tensor there, the tensors to write have "
+                                               r"'extra' \(1,\) float64"):
         write_model(path, dict(good, extra=np.zeros(1)), tmp_path / "out.npz")
 
     with pytest.raises(ModelFormatError, match="template's suffix .npz"):
@@ -141,6 +148,27 @@ def test_npz_write_errors(tmp_path, npz_file):
 
     assert not (tmp_path / "out.npz").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_npz_write_by_position(tmp_path, npz_file):
+    """Tensors under other names, or a plain list in the template's order, are written under the template's names."""
+    path, original = npz_file
+    new = _perturbed(original, seed=7)
+    new["counts"] = np.array([3.0, 1.0, 4.0, 1.0, 5.0])  # whole numbers: the cast to int32 is exact
+    renamed = {f"other_{i}": arr for i, arr in enumerate(new.values())}
+    for given in (renamed, list(new.values())):
+        out = write_model(path, given, tmp_path / "out.npz")
+        back = read_model(out)
+        assert list(back) == list(original)
+        for name, arr in original.items():
+            assert back[name].dtype == arr.dtype
+            assert np.array_equal(back[name], new[name].astype(arr.dtype))
+    shuffled = list(new.values())
+    shuffled[0], shuffled[5] = shuffled[5], shuffled[0]
+    with pytest.raises(ModelFormatError, match=r"at tensor 1 of 6: the template has 'dense/kernel' \(7, 3\) float32, "
+                                               r"the tensors to write have '#1' \(3, 5, 2\) float64"):
+        write_model(path, shuffled, tmp_path / "out2.npz")
+    assert not (tmp_path / "out2.npz").exists()
 
 
 def test_npz_truncated_and_pickled(tmp_path, npz_file):
@@ -220,6 +248,12 @@ KERAS_NAMES = {
 }
 
 
+KERAS_LAYER_TYPES = {
+    "lstm": ["LSTM"] * 3 + ["Dense"] * 2,
+    "bn": ["Dense"] * 2 + ["BatchNormalization"] * 4 + ["Dense"] * 2,
+}
+
+
 @pytest.mark.parametrize("kind", ["lstm", "bn"])
 @pytest.mark.parametrize(
     "suffix,out_suffix",
@@ -230,6 +264,7 @@ def test_keras_round_trip(tmp_path, keras_models, kind, suffix, out_suffix):
     model, paths, x = keras_models[kind]
     tensors = read_model(paths[suffix])
     assert list(tensors) == KERAS_NAMES[kind]
+    assert [tensors.layer_types[n] for n in tensors] == KERAS_LAYER_TYPES[kind]
     for t, w in zip(tensors.values(), model.weights):
         assert t.dtype == np.float32 and np.array_equal(t, keras.ops.convert_to_numpy(w))
 
@@ -262,13 +297,62 @@ def test_keras_names_stable_across_formats_for_nested_models(tmp_path):
         ],
         name="whatever_1",
     )
-    names = {}
+    names, types = {}, {}
     for suffix in (".keras", ".h5"):
         model.save(tmp_path / f"m{suffix}")
-        names[suffix] = list(read_model(tmp_path / f"m{suffix}"))
+        tensors = read_model(tmp_path / f"m{suffix}")
+        names[suffix], types[suffix] = list(tensors), [tensors.layer_types[n] for n in tensors]
     assert names[".keras"] == names[".h5"]
     assert names[".keras"][0] == "bidi/forward_lstm/lstm_cell/kernel"
     assert names[".keras"][-2:] == ["inner/dense/kernel", "inner/dense/bias"]
+    assert types[".keras"] == types[".h5"] == ["Bidirectional/LSTM"] * 6 + ["Dense"] * 2
+
+
+def test_keras_notebook_models_differ_in_names_only(tmp_path):
+    """Identical models built in one session get auto-numbered names but the same structure."""
+    keras = pytest.importorskip("keras")
+    from secagg.packing import ModelSpec
+
+    layers = keras.layers
+
+    def build():  # no name=: Keras numbers the layers of each model it builds
+        return keras.Sequential([keras.Input((5, 2)), layers.Bidirectional(layers.LSTM(3, return_sequences=True)),
+                                 layers.TimeDistributed(layers.Dense(2)), layers.LSTM(4), layers.Dense(1)])
+
+    paths = []
+    for i, suffix in enumerate((".keras", ".h5", ".keras")):
+        build().save(tmp_path / f"m{i}{suffix}")
+        paths.append(tmp_path / f"m{i}{suffix}")
+    models = [read_model(p) for p in paths]
+    assert len({tuple(m) for m in models}) == 3  # three sets of names
+    assert [models[0].layer_types[n] for n in models[0]] == (
+        ["Bidirectional/LSTM"] * 6 + ["TimeDistributed/Dense"] * 2 + ["LSTM"] * 3 + ["Dense"] * 2)
+    specs = [ModelSpec.of(m) for m in models]
+    assert specs[0].hash == specs[1].hash == specs[2].hash
+    assert specs[0].matches(specs[1]) and specs[0] != specs[1]
+    # The third model's weights written into the first's file: the first's names, the third's values.
+    out = write_model(paths[0], models[2], tmp_path / "out.keras")
+    back = read_model(out)
+    assert list(back) == list(models[0])
+    assert all(np.array_equal(a, b) for a, b in zip(back.values(), models[2].values()))
+    # get_weights() order is the order read_model gives.
+    reloaded = keras.models.load_model(paths[2], compile=False)
+    assert all(np.array_equal(a, b) for a, b in zip(reloaded.get_weights(), models[2].values()))
+
+
+def test_keras_write_refuses_another_layer_type(tmp_path):
+    """Same shapes, other layers: an LSTM's weights do not go into a GRU-free template by position."""
+    keras = pytest.importorskip("keras")
+    layers = keras.layers
+    keras.Sequential([keras.Input((6,)), layers.Dense(4), layers.Dense(4)]).save(tmp_path / "dense.keras")
+    keras.Sequential([keras.Input((6,)), layers.Dense(4), layers.BatchNormalization()]).save(tmp_path / "bn.keras")
+    dense, bn = read_model(tmp_path / "dense.keras"), read_model(tmp_path / "bn.keras")
+    assert [a.shape for a in dense.values()][:2] == [a.shape for a in bn.values()][:2]
+    with pytest.raises(ModelFormatError, match=r"at tensor 3 of 4 \(the template has 4 tensors, the tensors to write "
+                                               r"have 6\): the template has '.*kernel' \(4, 4\) float32 \(Dense\), "
+                                               r"the tensors to write have '.*gamma' \(4,\) float32 "
+                                               r"\(BatchNormalization\)"):
+        write_model(tmp_path / "dense.keras", bn, tmp_path / "out.keras")
 
 
 def test_keras_write_errors(tmp_path, keras_models):
@@ -279,8 +363,11 @@ def test_keras_write_errors(tmp_path, keras_models):
     with pytest.raises(ModelFormatError, match=r"'dense/kernel' has shape \(1, 8\).*\(8, 1\)"):
         write_model(paths[".keras"], bad, tmp_path / "out.keras")
 
-    missing = {k: v for k, v in good.items() if k != "lstm/lstm_cell/bias"}
-    with pytest.raises(ModelFormatError, match="'lstm/lstm_cell/bias' .* missing"):
+    missing = ModelTensors({k: v for k, v in good.items() if k != "lstm/lstm_cell/bias"}, good.layer_types)
+    with pytest.raises(ModelFormatError, match=r"at tensor 3 of 5 \(the template has 5 tensors, the tensors to write "
+                                               r"have 4\): the template has 'lstm/lstm_cell/bias' \(32,\) float32 "
+                                               r"\(LSTM\), the tensors to write have 'dense/kernel' \(8, 1\) float32 "
+                                               r"\(Dense\)\. Names may differ"):
         write_model(paths[".h5"], missing, tmp_path / "out.h5")
 
     with pytest.raises(ModelFormatError, match="template's suffix .keras"):
@@ -441,7 +528,9 @@ def test_torch_errors(tmp_path, torch_files):
         write_model(plain, bad, tmp_path / "out.pt")
 
     missing = {k: v for k, v in good.items() if k != "bn.running_var"}
-    with pytest.raises(ModelFormatError, match="'bn.running_var' .* missing"):
+    with pytest.raises(ModelFormatError, match=r"at tensor 8 of 11 \(the template has 11 tensors, the tensors to "
+                                               r"write have 10\): the template has 'bn.running_var' \(8,\) float32, "
+                                               r"the tensors to write have 'bn.num_batches_tracked' \(\) int64"):
         write_model(plain, missing, tmp_path / "out.pt")
 
     with pytest.raises(ModelFormatError, match="template's suffix .pt"):

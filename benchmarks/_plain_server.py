@@ -1,10 +1,11 @@
 """Benchmark-only plaintext aggregator: the baseline that ``wire.py`` compares secagg against.
 
 It speaks secagg's own gRPC service and message layout (``Submit``: one header, then chunks of
-blobs with their SHA-256), but the blobs are raw little-endian float32 values, 8192 per blob, 24
-blobs per chunk: the same streaming shape as secagg's ciphertexts. It validates the envelope with
-secagg's ``ChunkValidator`` (order, sizes, per-chunk and overall SHA-256) and adds the values into a
-float64 running sum with numpy. No encryption, no disk, no durability: the minimal plaintext
+blobs with their digests), but the blobs (in the chunks' ``c0`` field, with empty seeds) are raw
+little-endian float32 values, 8192 per blob (the last one zero-padded), 24 blobs per chunk: the same
+streaming shape as secagg's ciphertexts. It validates the envelope with secagg's ``ChunkValidator``
+(order, exact sizes, per-chunk and overall SHA-256 digests) and adds the values into a float64
+running sum with numpy. No encryption, no disk, no durability: the minimal plaintext
 federated-averaging server.
 
 Run: ``python benchmarks/_plain_server.py --listen 127.0.0.1:0``; it prints
@@ -48,8 +49,8 @@ class PlainServicer(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update must start with its header")
         h = first.header
         header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks, h.digest,
-                        h.format_version)
-        validator = ChunkValidator(header)
+                        format_version=h.format_version)
+        validator = ChunkValidator(header, c0_size=VALUES_PER_BLOB * 4, seed_size=0)
         with self._lock:
             total = self._sums.get(h.round_id)
             if total is None:
@@ -59,7 +60,7 @@ class PlainServicer(pb_grpc.AggregatorServicer):
             # A real server would add into a scratch buffer and commit after the digest check; the
             # benchmark adds in place (same arithmetic work, no second buffer).
             for msg in request_iterator:
-                for blob in validator.accept(chunk_from_pb(msg.chunk)):
+                for blob, _ in validator.accept(chunk_from_pb(msg.chunk)):
                     values = np.frombuffer(blob, dtype="<f4")
                     total[pos : pos + values.size] += values
                     pos += values.size

@@ -174,7 +174,9 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[
     first = serve(paths, state, tmp / f"{label}-1.log")
     address = first.address
     round_id = f"faults-{label}"
-    secagg.create_round(address, round_id, models[0], clients=len(models))
+    # The round's max weight is the largest site's weight: released sums are rounded to an absolute
+    # grid (secagg.release), so a max weight far above the real ones would cost precision.
+    secagg.create_round(address, round_id, models[0], clients=len(models), max_weight=max(weights))
     runs = [ClientRun(f"site-{i}") for i in range(len(models))]
     start = threading.Event()
     threads = [threading.Thread(target=run_client, args=(address, round_id, key, r, models[i], weights[i], counter,
@@ -276,7 +278,7 @@ def run_dropout(paths, key, tmp: Path, label: str, clients: int, survivors: int,
     with server:
         round_id = f"dropout-{label}"
         secagg.create_round(server.address, round_id, models[0], clients=clients, min_clients=min_clients,
-                            deadline=deadline, enroll=ids)
+                            deadline=deadline, enroll=ids, max_weight=max(weights))
         t_created = time.monotonic()
         for i in range(survivors):
             secagg.submit(server.address, round_id, key, ids[i], models[i], weights[i])

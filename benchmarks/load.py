@@ -70,12 +70,6 @@ def client_id(index: int) -> str:
     return f"site-{index:03d}"
 
 
-def payload_bytes(header, chunks) -> int:
-    """What ``Receipt.wire_bytes`` counts: ciphertexts, chunk checksums and the header's digest."""
-    ciphertexts = sum(len(ct) for c in chunks for ct in c.ciphertexts)
-    return ciphertexts + sum(len(c.sha256) for c in chunks) + len(header.digest)
-
-
 # ---------------------------------------------------------------------------------------------
 # client processes
 
@@ -85,20 +79,17 @@ def _worker(address: str, client_key: str, round_id: str, indices: list[int], n:
     """One client process: ``len(indices)`` client threads that start together when ``go`` is set."""
     try:
         import secagg
-        from secagg import ciphertexts, envelope
         from secagg.packing import ModelSpec, flatten
         from secagg.transport.client import AggregatorClient
+        from secagg.updates import seal_update
 
         key = secagg.load_client_key(client_key)
         models = {i: model_for(i, n) for i in indices}
         sealed = {}
         if mode == "streams":
             status = secagg.round_status(address, round_id)
-            bounds = ciphertexts.Bounds(status.expected, status.max_weight, status.value_bound)
             for i, m in models.items():
-                spec = ModelSpec.of(m)
-                blobs = ciphertexts.encrypt(key, ciphertexts.encode_update(flatten(spec, m), 1.0, bounds))
-                sealed[i] = envelope.seal_update(round_id, client_id(i), key.key_id, spec.hash, blobs)
+                sealed[i] = seal_update(key, status, client_id(i), flatten(ModelSpec.of(m), m), 1.0)
         out: list[dict] = []
         lock = threading.Lock()
 
@@ -112,11 +103,11 @@ def _worker(address: str, client_key: str, round_id: str, indices: list[int], n:
                     rec.update(submitted=r.submitted, already_accepted=r.already_accepted, wire_bytes=r.wire_bytes,
                                encrypt_seconds=r.encrypt_seconds, send_seconds=r.send_seconds)
                 else:
-                    header, chunks = sealed[i]
+                    update = sealed[i]
                     with AggregatorClient(address) as c:
-                        reply = c.submit(header, chunks)
+                        reply = c.submit(update.header, update.chunks)
                     rec.update(submitted=reply.submitted, already_accepted=reply.already_accepted,
-                               wire_bytes=payload_bytes(header, chunks))
+                               wire_bytes=update.wire_bytes)
             except Exception as exc:  # reported, never hidden: the parent counts errors
                 rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["t_end"] = time.time()
@@ -164,30 +155,27 @@ def run_concurrent(ctx, address: str, client_key: Path, round_id: str, clients: 
 def run_sequential(address: str, client_key: Path, round_id: str, clients: int, n: int,
                    server: ServerProcess) -> tuple[list[dict], dict]:
     import secagg
-    from secagg import ciphertexts, envelope
     from secagg.packing import ModelSpec, flatten
     from secagg.transport.client import AggregatorClient
+    from secagg.updates import seal_update
 
     key = secagg.load_client_key(client_key)
     status = secagg.round_status(address, round_id)
-    bounds = ciphertexts.Bounds(status.expected, status.max_weight, status.value_bound)
     sealed = []
     for i in range(clients):
         m = model_for(i, n)
-        spec = ModelSpec.of(m)
-        blobs = ciphertexts.encrypt(key, ciphertexts.encode_update(flatten(spec, m), 1.0, bounds))
-        sealed.append(envelope.seal_update(round_id, client_id(i), key.key_id, spec.hash, blobs))
+        sealed.append(seal_update(key, status, client_id(i), flatten(ModelSpec.of(m), m), 1.0))
     records = []
     with AggregatorClient(address) as c:
         c.server_info()
         cpu0 = server.cpu_seconds()
         t_go = time.time()
-        for i, (header, chunks) in enumerate(sealed):
+        for i, update in enumerate(sealed):
             rec = {"client": client_id(i), "t_start": time.time()}
             try:
-                reply = c.submit(header, chunks)
+                reply = c.submit(update.header, update.chunks)
                 rec.update(submitted=reply.submitted, already_accepted=reply.already_accepted,
-                           wire_bytes=payload_bytes(header, chunks))
+                           wire_bytes=update.wire_bytes)
             except Exception as exc:
                 rec["error"] = f"{type(exc).__name__}: {exc}"
             rec["t_end"] = time.time()
@@ -222,7 +210,9 @@ def run_phase(ctx, tmp: Path, paths, mode: str, repeat: int, clients: int, worke
         time.sleep(0.5)
         idle_kb = server.rss_kb()
         round_id = f"load-{label}"
-        secagg.create_round(server.address, round_id, model_for(0, n), clients=clients)
+        # Every client has weight 1, so the round's max weight is 1: released sums are rounded to an
+        # absolute grid (secagg.release), and a max weight far above the real ones would cost precision.
+        secagg.create_round(server.address, round_id, model_for(0, n), clients=clients, max_weight=1.0)
         if mode == "sequential":
             records, extra = run_sequential(server.address, paths.client, round_id, clients, n, server)
         else:
@@ -312,7 +302,7 @@ def render_table(summary: dict, phases: list[str], clients: int, n: int, repeats
         ("max |average - float64 average| (worst run)", lambda s: fmt(s["max_abs_error"], ".1e")),
         ("round time s (start signal -> last ack)", lambda s: fmt(s["round_seconds"], ".2f")),
         ("submissions/s", lambda s: fmt(s["submissions_per_s"], ".1f")),
-        ("MB/s received (ciphertexts + checksums)", lambda s: fmt(s["mb_per_s"], ".1f")),
+        ("MB/s received (ciphertexts + digests + record)", lambda s: fmt(s["mb_per_s"], ".1f")),
         ("ack latency median s (from start signal)", lambda s: fmt(s["latency_median_s"], ".2f")),
         ("ack latency p95 s", lambda s: fmt(s["latency_p95_s"], ".2f")),
         ("client encrypt s, median (api only)", lambda s: fmt(s.get("encrypt_seconds_median"), ".3f")),

@@ -7,18 +7,18 @@ Data flows one way: model file -> arrays -> flat vector -> [w*theta, w, 1] -> se
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from secagg import ciphertexts, envelope
-from secagg.ciphertexts import Bounds
+from secagg import envelope
 from secagg.errors import (
-    EnvelopeError,
     KeyFileError,
     OverflowRiskError,
     PrivacyError,
@@ -31,12 +31,15 @@ from secagg.metrics import Metrics
 from secagg.models import read_model, write_model
 from secagg.packing import ModelSpec, check_matches, flatten, unflatten
 from secagg.privacy.mechanism import DPConfig, privatize
-from secagg.release import release
+from secagg.updates import Average, open_aggregate, open_chunks, seal_update
 from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.client import AggregatorClient
-from secagg.transport.server import Server
+from secagg.transport.server import Server, record_from_pb
 from secagg.transport.tls import ClientTLS, ServerTLS
+
+if TYPE_CHECKING:
+    from secagg.site_policy import SitePolicy
 
 Progress = Callable[[str, int, int], None]
 ModelLike = str | os.PathLike | Mapping[str, np.ndarray]
@@ -56,23 +59,16 @@ class Receipt:
     encrypt_seconds: float
     send_seconds: float
     dp: DPConfig | None = None  # the DP applied before encryption (the round's, or the site's own local DP)
-
-
-@dataclasses.dataclass(frozen=True)
-class Average:
-    """A decrypted, checked aggregate: the weighted mean as a flat vector and its context."""
-
-    spec: ModelSpec
-    vector: np.ndarray
-    contributions: int
-    clients: tuple[str, ...]
-    total_weight: float
+    #: The precision of the round's released average if every site used this weight (secagg.release):
+    #: the round's release_precision * max_weight / weight. Far above 1e-6 means --max-weight wastes range.
+    precision: float = 0.0
 
 
 def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str | os.PathLike,
           min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None, delta: float | None = None,
-          *, max_params: int = DEFAULT_MAX_PARAMS, tls: ServerTLS | None = None, insecure: bool = False, metrics_port: int | None = None,
-          metrics_host: str | None = None, health_listen: str | None = None) -> Server:
+          *, max_params: int = DEFAULT_MAX_PARAMS, tls: ServerTLS | None = None, insecure: bool = False,
+          metrics_port: int | None = None, metrics_host: str | None = None, health_listen: str | None = None,
+          allow_non_dp_rounds: bool = False) -> Server:
     """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server.
 
     ``tls`` with a ``ca`` is mutual TLS: every client needs a certificate from that CA, a client may
@@ -80,13 +76,14 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
     it nobody's identity is checked, so other addresses than loopback need ``insecure=True``.
     The gRPC port also answers health checks and reflection. ``metrics_port``: serve Prometheus
     metrics at ``server.metrics_url`` (0 picks a port). ``health_listen``: a plaintext port with health
-    checks only, for probes without a client certificate.
+    checks only, for probes without a client certificate. ``allow_non_dp_rounds``: with an
+    ``epsilon_budget``, rounds without DP are refused unless this is set.
     """
     key = server_key if isinstance(server_key, ServerKey) else load_server_key(server_key)
     metrics = Metrics()
+    ca_pem = tls.ca.read_bytes() if tls is not None and tls.ca is not None else None
     core = Aggregator(key, state_dir, min_cohort=min_cohort, max_params=max_params, epsilon_budget=epsilon_budget,
-                      delta=delta,
-                      observer=metrics)
+                      delta=delta, observer=metrics, ca_pem=ca_pem, allow_non_dp=allow_non_dp_rounds)
     return Server(core, listen, tls=tls, insecure=insecure, metrics=metrics, metrics_port=metrics_port,
                   metrics_host=metrics_host, health_listen=health_listen).start()
 
@@ -177,6 +174,7 @@ def submit(
     local_dp: DPConfig | None = None,
     rng: np.random.Generator | None = None,
     *,
+    policy: SitePolicy | None = None,
     tls: ClientTLS | None = None,
 ) -> Receipt:
     """Encrypt ``model`` (times ``weight``) under the federation key and submit it to the round.
@@ -188,7 +186,11 @@ def submit(
     The model matches the round by structure (:mod:`secagg.packing`): its tensor names may differ
     from the template's. For ``retry_for`` seconds the aggregator may be unreachable: at first
     contact (a site started before the aggregator) and mid-way (a restart), when the same encrypted
-    bytes are resent; the aggregator recognises a resend and counts it once.
+    bytes are resent; the aggregator recognises a resend and counts it once. ``policy``: this site's
+    own DP rules (:class:`secagg.site_policy.SitePolicy`), checked against the round before anything
+    is encrypted, whatever the aggregator says. The update carries a tag (and, with a client
+    certificate, a signature) binding it to this round, client and the round's settings
+    (:mod:`secagg.contribution`).
     """
     ckey = _client_key(key)
     envelope.check_id("client", client_id)
@@ -196,24 +198,28 @@ def submit(
     with AggregatorClient(server, tls=tls) as client:
         status, spec = _first_contact(client, round_id, ckey, retry_for)
         if status.state != "collecting":
-            raise RoundStateError(f"round {round_id!r} is {status.state}; it accepts no more updates")
+            why = f" ({status.reason})" if status.reason else ""
+            raise RoundStateError(f"round {round_id!r} is {status.state}{why}; it accepts no more updates")
         theta = flatten(spec, tensors)
         dp = _submission_dp(status, local_dp, weight)
+        plain = hashlib.sha256(theta.tobytes() + np.float64(weight).tobytes()).hexdigest()
+        if policy is not None:
+            policy.check(status, ckey.key_id, local_dp=local_dp, update=plain)
         if dp is not None:
             reference = None if dp_reference is None else flatten(spec, _tensors(dp_reference))
             # Clamping to the round's value bound after the noise is post-processing: it costs no
             # privacy and keeps a large noise draw from overflowing the encrypted sum.
             theta = np.clip(privatize(theta, dp, reference, rng), -status.value_bound, status.value_bound)
         t0 = time.perf_counter()
-        vector = ciphertexts.encode_update(theta, float(weight), _bounds(status))
-        blobs = ciphertexts.encrypt(ckey, vector, progress=progress)
+        update = seal_update(ckey, status, client_id, theta, float(weight), tls, progress)
         t1 = time.perf_counter()
-        header, chunks = envelope.seal_update(round_id, client_id, ckey.key_id, spec.hash, blobs)
+        header, chunks = update.header, update.chunks
+        if policy is not None:
+            policy.record(status, ckey.key_id, local_dp=local_dp, update=plain)  # spent once the update leaves
         reply = _with_retries(lambda: client.submit(header, _report(chunks, progress, "send")), retry_for)
         t2 = time.perf_counter()
-    return Receipt(round_id, client_id, reply.submitted, reply.already_accepted, spec.num_params,
-                   sum(map(len, blobs)) + sum(len(c.sha256) for c in chunks) + len(header.digest), t1 - t0, t2 - t1,
-                   dp)
+    return Receipt(round_id, client_id, reply.submitted, reply.already_accepted, spec.num_params, update.wire_bytes,
+                   t1 - t0, t2 - t1, dp, status.release_precision * status.max_weight / float(weight))
 
 
 def _submission_dp(status: RoundStatus, local_dp: DPConfig | None, weight: float) -> DPConfig | None:
@@ -237,15 +243,19 @@ def _submission_dp(status: RoundStatus, local_dp: DPConfig | None, weight: float
 
 
 def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
-                  progress: Progress | None = None, *, retry_for: float = 60.0,
+                  progress: Progress | None = None, *, retry_for: float = 60.0, min_cohort: int = DEFAULT_MIN_COHORT,
                   tls: ClientTLS | None = None) -> Average:
-    """Download the round's encrypted sum, decrypt it, check it, and return the weighted mean.
+    """Download the round's encrypted sum, check everything about it, decrypt it, and return the weighted mean.
 
-    Waits up to ``wait`` seconds for the round to close; a round that fails or is cancelled meanwhile
-    raises :class:`RoundStateError` with its reason. An aggregator that does not answer yet is tried
-    again for ``retry_for`` seconds.
+    Nothing the aggregator serves is trusted: the contributors' records (distinct, enrolled, at least
+    ``min_cohort`` of them: this site's own minimum; every tag, and every signature under mutual
+    TLS), every ciphertext's count and integrity checks (:mod:`secagg.slots`). The second
+    polynomials are rebuilt here from the contributors' seeds. The result is rounded to the round's
+    release grid (:mod:`secagg.release`) before it leaves this function. Waits up to ``wait`` seconds
+    for the round to close; an aggregator that does not answer yet is tried again for ``retry_for`` seconds.
     """
     ckey = _client_key(key)
+    tls = tls if tls is not None else ClientTLS.from_env()
     with AggregatorClient(server, tls=tls) as client:
         status, spec = _first_contact(client, round_id, ckey, retry_for)
         end = time.monotonic() + wait
@@ -256,15 +266,9 @@ def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
             except RoundStateError as exc:
                 if "still collecting" not in str(exc) or time.monotonic() >= end:
                     raise
-        if head.key_id != ckey.key_id or head.spec_hash != spec.hash:
-            raise EnvelopeError("the aggregate's header does not match the round's key id or model spec")
-        header = envelope.Header(round_id, "", head.key_id, head.spec_hash, head.num_ciphertexts, head.num_chunks,
-                                 head.digest)
-        blobs = list(envelope.iter_chunks(header, _report(chunks, progress, "receive", head.num_chunks)))
-    vector = ciphertexts.decrypt(ckey, blobs, spec.num_params + ciphertexts.EXTRA_SLOTS)
-    mean, total_weight = ciphertexts.decode_aggregate(vector, head.contributions, _bounds(status))
-    # Never hand out a raw CKKS decryption (secagg.release says why).
-    return Average(spec, release(mean), head.contributions, tuple(head.clients), total_weight)
+        records = [record_from_pb(r) for r in head.records]
+        pairs = list(open_chunks(ckey, status, head, len(records), _report(chunks, progress, "receive", head.num_chunks)))
+    return open_aggregate(ckey, status, spec, records, pairs, tls, min_cohort, progress)
 
 
 def fetch(
@@ -277,6 +281,7 @@ def fetch(
     progress: Progress | None = None,
     *,
     retry_for: float = 60.0,
+    min_cohort: int = DEFAULT_MIN_COHORT,
     tls: ClientTLS | None = None,
 ) -> Path:
     """Fetch the round's weighted average and write it as a model file in the template's format.
@@ -286,7 +291,7 @@ def fetch(
     the template.
     """
     template_tensors = read_model(template)  # a bad template fails before any waiting
-    average = fetch_average(server, round_id, key, wait, progress, retry_for=retry_for, tls=tls)
+    average = fetch_average(server, round_id, key, wait, progress, retry_for=retry_for, min_cohort=min_cohort, tls=tls)
     check_matches(average.spec, ModelSpec.of(template_tensors), f"template {template}",
                   f"template {template} does not match the round's architecture")
     return write_model(template, unflatten(average.spec, average.vector, template_tensors), out)
@@ -316,10 +321,6 @@ def _first_contact(client: AggregatorClient, round_id: str, key: ClientKey,
                    retry_for: float) -> tuple[RoundStatus, ModelSpec]:
     """The round's status and spec; an aggregator that does not answer (yet) is tried for ``retry_for`` seconds."""
     return _with_retries(lambda: _round_for(client, round_id, key), retry_for, transient_only=True)
-
-
-def _bounds(status: RoundStatus) -> Bounds:
-    return Bounds(status.expected, status.max_weight, status.value_bound)
 
 
 def _report(chunks, progress: Progress | None, stage: str, total: int | None = None):

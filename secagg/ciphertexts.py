@@ -1,247 +1,192 @@
-"""Flat vectors <-> compact CKKS ciphertexts, and the aggregator's running encrypted sum.
+"""Clients' side of the encryption: slot vectors <-> seeded CKKS ciphertexts (c0, seed), with SEAL.
 
-Layout on the wire (8.02 bytes per parameter): each ciphertext carries 8192 reals, two per complex
-slot (4096 slots at N = 8192), encrypted with the secret key in SEAL's *seeded* symmetric form,
-where the second polynomial is replaced by the seed that generates it. The aggregator expands the
-seed when it loads the ciphertext; the sum it returns is an ordinary ciphertext (16 B/param).
+Each ciphertext carries 8,192 reals, two per complex slot (4,096 slots at N = 8192), encrypted with
+the secret key in SEAL's *seeded* symmetric form: the second polynomial c1 is replaced by the
+64-byte seed that generates it. A client sends the first polynomial c0 and the seed
+(:mod:`secagg.polys`, 8.0 bytes per real); the aggregator adds the c0s and keeps the seeds.
 
-What is encrypted is not the raw model but ``[w*theta, w, 1]``: the weighted parameters, the
-weight, and a count. The aggregator adds these; the client divides the first part by the summed
-weight and checks that the count equals the number of accepted submissions, which exposes a wrong
-key or corrupted sum instead of writing garbage.
+To decrypt a sum, a client rebuilds c1 itself: every contributor's seed, loaded by SEAL as a seeded
+ciphertext with a zero c0, expands to (0, c1_i); their sum plus (c0_sum, 0) is the ciphertext of the
+sum, which it decrypts. The aggregator therefore cannot touch c1 (no key recovery by perturbing
+it) and cannot invent, repeat or drop contributions without the count slots noticing
+(:mod:`secagg.slots`).
 
-Overflow: CKKS wraps silently once a sum leaves (-2^19, 2^19) at scale 2^40 with a 60-bit prime.
-A round fixes its expected number of clients N, a maximum weight W_max and a bound B on |theta|.
-Each client encodes w = c * W / W_max with c = LIMIT / (N * B), so every slot of every partial
-sum stays below LIMIT = 2^18 (half the hard bound, for CKKS noise), and the weight uses as much
-of the range as possible. The 60-bit prime fixes the total dynamic range, so the error of the
-average depends only on N * B * W_max / W: CKKS adds about 1e-9 absolute to each summed slot,
-which becomes about 1e-9 * B * W_max / (2^18 * mean W) after division by the summed weight
-(~1e-8 for weights near W_max/100, ~1e-7 for weight 1 with the default W_max = 1e5).
+SEAL's Python binding reads and writes ciphertexts only through file paths: a per-process,
+per-thread scratch file on tmpfs, recreated after ``fork`` (two processes never share one).
+SEAL compresses a saved ciphertext with zstd; clients decompress it to read c0 and the seed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import tenseal.sealapi as seal
 
-from secagg.errors import AggregateCheckError, CiphertextError, OverflowRiskError
-from secagg.keys import ClientKey, ServerKey, _scratch_dir
+from secagg.errors import CiphertextError, KeyFileError
+from secagg.keys import ClientKey, _scratch_dir
+from secagg.polys import SEED_BYTES
 
 REALS_PER_CIPHERTEXT = 8192
-VALUE_LIMIT = float(2**18)
-EXTRA_SLOTS = 2  # weight and count, after the parameters
+_SEAL_HEADER = 16
+_META = 73  # parms_id 32 | is_ntt 1 | size 8 | N 8 | coeff_mod_size 8 | scale 8 | correction 8
+_C0_START = _META + 16 + 8  # then a DynArray: its own 16-byte header, a uint64 count, the words
 
 
-@dataclasses.dataclass(frozen=True)
-class Bounds:
-    """A round's limits that keep every encrypted partial sum inside the CKKS range."""
-
-    expected_clients: int
-    max_weight: float
-    value_bound: float
-
-    @property
-    def headroom(self) -> float:
-        """The factor c in w = c * W / W_max: the largest one that cannot overflow."""
-        return VALUE_LIMIT / (self.expected_clients * self.value_bound)
-
-    def check(self) -> None:
-        """Refuse limits that are nonsense or leave no precision."""
-        if self.expected_clients < 1:
-            raise OverflowRiskError("a round needs at least 1 expected client")
-        if not (self.max_weight > 0 and math.isfinite(self.max_weight)):
-            raise OverflowRiskError(f"max weight must be a positive number, got {self.max_weight}")
-        if not (self.value_bound > 0 and math.isfinite(self.value_bound)):
-            raise OverflowRiskError(f"value bound must be a positive number, got {self.value_bound}")
-        if self.expected_clients > VALUE_LIMIT:
-            raise OverflowRiskError(f"at most {int(VALUE_LIMIT)} clients fit in one round's count slot")
+def _seal():
+    try:
+        import tenseal.sealapi as seal
+    except ImportError as e:
+        raise KeyFileError("encrypting and decrypting need TenSEAL: pip install 'secagg[client]'") from e
+    return seal
 
 
-def num_ciphertexts(num_params: int) -> int:
-    """How many ciphertexts an update of ``num_params`` values takes."""
-    return max(1, math.ceil((num_params + EXTRA_SLOTS) / REALS_PER_CIPHERTEXT))
-
-
-def encode_update(theta: np.ndarray, weight: float, bounds: Bounds) -> np.ndarray:
-    """The vector a client encrypts, after checking it cannot overflow the encrypted sum."""
-    if not (math.isfinite(weight) and weight > 0):
-        raise OverflowRiskError(f"weight must be a positive finite number, got {weight}")
-    if weight > bounds.max_weight:
-        raise OverflowRiskError(
-            f"weight {weight:g} exceeds the round's max weight {bounds.max_weight:g}; "
-            f"create the round with --max-weight {weight:g} or larger (e.g. the largest site's sample count)"
-        )
-    if theta.size and not np.all(np.isfinite(theta)):
-        raise OverflowRiskError("the model contains NaN or infinite values; fix the model before submitting")
-    peak = float(np.max(np.abs(theta))) if theta.size else 0.0
-    if peak > bounds.value_bound:
-        raise OverflowRiskError(
-            f"a model value of magnitude {peak:.4g} exceeds the round's value bound {bounds.value_bound:g}, so the "
-            f"encrypted sum of {bounds.expected_clients} clients could overflow; create the round with "
-            f"--value-bound {2 ** math.ceil(math.log2(peak)):g} or larger"
-        )
-    w = bounds.headroom * weight / bounds.max_weight
-    return np.concatenate([theta * w, [w, 1.0]])
-
-
-def decode_aggregate(vector: np.ndarray, contributions: int, bounds: Bounds) -> tuple[np.ndarray, float]:
-    """(weighted mean of theta, summed weight) from a decrypted sum, after the integrity checks."""
-    count = float(vector[-1])
-    wsum = float(vector[-2])
-    if not math.isfinite(count) or abs(count - contributions) > 1e-3:
-        raise AggregateCheckError(
-            f"the decrypted aggregate counts {count:.6g} contributions but the aggregator accepted {contributions}: "
-            "it was decrypted with the wrong client.key or the sum is corrupted; nothing was written"
-        )
-    if not (0 < wsum <= contributions * bounds.headroom * (1 + 1e-6)):
-        raise AggregateCheckError(f"the decrypted total weight {wsum:.6g} is impossible; the aggregate is corrupted")
-    total_weight = wsum * bounds.max_weight / bounds.headroom
-    return vector[:-EXTRA_SLOTS] / wsum, total_weight
+def _zstd():
+    try:
+        import zstandard
+    except ImportError as e:
+        raise KeyFileError("encrypting needs the zstandard package: pip install 'secagg[client]'") from e
+    return zstandard
 
 
 class _Scratch:
-    """A per-thread tmpfs file: SEAL's binding reads and writes ciphertexts only through paths."""
+    """A per-process, per-thread tmpfs file for SEAL's path-only I/O; never shared across a fork."""
 
     _local = threading.local()
 
     @classmethod
     def path(cls) -> str:
-        p = getattr(cls._local, "path", None)
-        if p is None:
-            p = os.path.join(_scratch_dir(), f"secagg-{os.getpid()}-{threading.get_ident()}.ct")
-            cls._local.path = p
-        return p
+        pid = os.getpid()
+        if getattr(cls._local, "pid", None) != pid:  # a forked child inherits the parent's thread-locals
+            cls._local.pid = pid
+            cls._local.path = os.path.join(_scratch_dir(), f"secagg-{pid}-{threading.get_ident()}-"
+                                           f"{os.urandom(4).hex()}.ct")
+        return cls._local.path
 
 
-def encrypt(key: ClientKey, vector: np.ndarray, progress=None) -> list[bytes]:
-    """Seeded symmetric ciphertexts of ``vector``, two reals per complex slot.
+class SealCodec:
+    """SEAL objects of one client key, and the byte layout of its seeded ciphertexts."""
 
-    ``progress(stage, done, total)`` is called after each ciphertext if given.
-    """
-    params = key.params
-    encoder = seal.CKKSEncoder(params.context)
-    encryptor = seal.Encryptor(params.context, key.secret_key)
-    blobs = []
-    scratch = _Scratch.path()
-    n = num_ciphertexts(vector.size - EXTRA_SLOTS)
-    padded = np.zeros(n * REALS_PER_CIPHERTEXT)
-    padded[: vector.size] = vector
-    try:
-        for i in range(n):
-            seg = padded[i * REALS_PER_CIPHERTEXT : (i + 1) * REALS_PER_CIPHERTEXT]
-            pt = seal.Plaintext()
-            encoder.encode((seg[0::2] + 1j * seg[1::2]).tolist(), params.scale, pt)
-            encryptor.encrypt_symmetric(pt).save(scratch)
-            blobs.append(Path(scratch).read_bytes())
-            if progress:
-                progress("encrypt", i + 1, n)
-    finally:
-        _unlink(scratch)
-    return blobs
+    def __init__(self, key: ClientKey) -> None:
+        seal = _seal()
+        self.key = key
+        ctx = key.context
+        self.n = key.parameters.poly_modulus_degree
+        self.encoder = seal.CKKSEncoder(ctx)
+        self.encryptor = seal.Encryptor(ctx, key.secret_key)
+        self.decryptor = seal.Decryptor(ctx, key.secret_key)
+        self.evaluator = seal.Evaluator(ctx)
+        self._dctx = _zstd().ZstdDecompressor()
+        # Learn SEAL's exact layout from one ciphertext: everything but c0 and the seed is the same
+        # for every ciphertext of these parameters.
+        body = self._body(self._encrypt_plaintext(np.zeros(REALS_PER_CIPHERTEXT)))
+        c0_end = _C0_START + self.n * 8
+        if len(body) != c0_end + 16 + 1 + SEED_BYTES or int.from_bytes(body[_C0_START - 8:_C0_START], "little") != self.n:
+            raise CiphertextError("this TenSEAL/SEAL version lays out seeded ciphertexts differently than secagg "
+                                  "expects; install the tenseal version pinned in secagg's requirements")
+        self._prefix = bytes(body[:_C0_START])
+        self._seed_prefix = bytes(body[c0_end:c0_end + 17])
 
-
-def decrypt(key: ClientKey, blobs: list[bytes], length: int) -> np.ndarray:
-    """The first ``length`` reals of the decrypted ciphertexts."""
-    params = key.params
-    encoder = seal.CKKSEncoder(params.context)
-    decryptor = seal.Decryptor(params.context, key.secret_key)
-    out = np.empty(len(blobs) * REALS_PER_CIPHERTEXT)
-    for i, blob in enumerate(blobs):
-        ct = load_ciphertext(key, blob)
+    def _encrypt_plaintext(self, reals: np.ndarray):
+        seal = _seal()
         pt = seal.Plaintext()
-        decryptor.decrypt(ct, pt)
-        z = np.asarray(encoder.decode_complex(pt))
-        seg = out[i * REALS_PER_CIPHERTEXT : (i + 1) * REALS_PER_CIPHERTEXT]
-        seg[0::2] = z.real
-        seg[1::2] = z.imag
-    return out[:length]
+        self.encoder.encode((reals[0::2] + 1j * reals[1::2]).tolist(), self.key.params.scale, pt)
+        return self.encryptor.encrypt_symmetric(pt)
 
-
-def load_ciphertext(key: ServerKey, blob: bytes) -> seal.Ciphertext:
-    """Parse one ciphertext and check it fits the federation's parameters."""
-    # SEAL's 16-byte header states the object's total size (uint64, little-endian, at byte 8). SEAL
-    # itself ignores bytes after that, so a blob padded with junk would load, and the junk would be
-    # stored in accepted/ until the round closes: refuse it instead.
-    if len(blob) < 16 or int.from_bytes(blob[8:16], "little") != len(blob):
-        raise CiphertextError(
-            f"ciphertext of {len(blob)} bytes does not match the size in its own header; the update is truncated, "
-            "padded or corrupt: resend it with the secagg client"
-        )
-    scratch = _Scratch.path()
-    try:
-        with open(scratch, "wb") as f:
-            f.write(blob)
-        ct = seal.Ciphertext()
+    def _body(self, serializable) -> bytes:
+        scratch = _Scratch.path()
         try:
-            ct.load(key.context, scratch)
-        except Exception as exc:  # SEAL signals bad data with several exception types
-            raise CiphertextError(f"not a valid ciphertext for this key's parameters ({exc})") from exc
-    finally:
-        _unlink(scratch)
-    if ct.size() != 2 or ct.coeff_modulus_size() != 1 or not ct.is_ntt_form() or ct.scale != key.params.scale:
-        raise CiphertextError("ciphertext has the wrong size, level or scale for this federation's parameters")
-    return ct
+            serializable.save(scratch)
+            blob = Path(scratch).read_bytes()
+        finally:
+            _unlink(scratch)
+        if blob[5] == 0:
+            return blob[_SEAL_HEADER:]
+        return self._dctx.decompress(blob[_SEAL_HEADER:], max_output_size=4 * self.n * 8 + 4096)
+
+    def encrypt(self, reals: np.ndarray) -> tuple[bytes, bytes]:
+        """(c0 as N little-endian uint64 words, the 64-byte seed of c1) of 8,192 reals."""
+        body = self._body(self._encrypt_plaintext(reals))
+        c0_end = _C0_START + self.n * 8
+        return bytes(body[_C0_START:c0_end]), bytes(body[c0_end + 17:c0_end + 17 + SEED_BYTES])
+
+    def _seeded_blob(self, c0: bytes, seed: bytes) -> bytes:
+        body = self._prefix + c0 + self._seed_prefix + seed
+        header = bytearray(b"\x5e\xa1\x10\x04\x03\x00\x00\x00")  # SEAL magic, version 4.1, no compression
+        return bytes(header) + (len(body) + _SEAL_HEADER).to_bytes(8, "little") + body
+
+    def _load(self, c0: bytes, seed: bytes):
+        seal = _seal()
+        scratch = _Scratch.path()
+        try:
+            with open(scratch, "wb") as f:
+                f.write(self._seeded_blob(c0, seed))
+            ct = seal.Ciphertext()
+            try:
+                ct.load(self.key.context, scratch)
+            except Exception as exc:  # SEAL signals bad data with several exception types
+                raise CiphertextError(f"a ciphertext could not be rebuilt from its seed ({exc})") from exc
+        finally:
+            _unlink(scratch)
+        return ct
+
+    def decrypt(self, c0_sum: bytes, seeds: Sequence[bytes]) -> np.ndarray:
+        """The 8,192 reals of the ciphertext (c0_sum, sum of PRG(seed) over ``seeds``)."""
+        if not seeds:
+            raise CiphertextError("a sum without contributions cannot be decrypted")
+        zero = bytes(self.n * 8)
+        ct = self._load(c0_sum, seeds[0])
+        for seed in seeds[1:]:
+            self.evaluator.add_inplace(ct, self._load(zero, seed))
+        seal = _seal()
+        pt = seal.Plaintext()
+        self.decryptor.decrypt(ct, pt)
+        z = np.asarray(self.encoder.decode_complex(pt), dtype=np.complex128)
+        out = np.empty(REALS_PER_CIPHERTEXT)
+        out[0::2] = z.real
+        out[1::2] = z.imag
+        return out
 
 
-def save_ciphertext(ct: seal.Ciphertext) -> bytes:
-    """Serialize an ordinary (not seeded) ciphertext."""
-    scratch = _Scratch.path()
-    try:
-        ct.save(scratch)
-        return Path(scratch).read_bytes()
-    finally:
-        _unlink(scratch)
+_codecs: dict[tuple[int, int, str], SealCodec] = {}
 
 
-class EncryptedSum:
-    """The aggregator's running sum: one ciphertext per position, O(model) memory for any number of clients."""
+def codec(key: ClientKey) -> SealCodec:
+    """The :class:`SealCodec` of ``key`` for this process and thread (SEAL objects are not shared across them)."""
+    k = (os.getpid(), threading.get_ident(), key.key_id)
+    c = _codecs.get(k)
+    if c is None or c.key is not key:
+        c = _codecs[k] = SealCodec(key)
+    return c
 
-    def __init__(self, key: ServerKey, length: int) -> None:
-        self._key = key
-        self._evaluator = seal.Evaluator(key.context)
-        self._parts: list[seal.Ciphertext | None] = [None] * length
-        self._counts = [0] * length  # ciphertexts added at each position
 
-    def __len__(self) -> int:
-        return len(self._parts)
+def encrypt(key: ClientKey, reals: np.ndarray, progress: Callable[[str, int, int], None] | None = None
+            ) -> list[tuple[bytes, bytes]]:
+    """Seeded ciphertexts of ``reals`` (a whole number of 8,192-real blocks): [(c0, seed)] per block."""
+    n = len(reals) // REALS_PER_CIPHERTEXT
+    if n * REALS_PER_CIPHERTEXT != len(reals):
+        raise ValueError("encrypt takes whole 8,192-real blocks")
+    c = codec(key)
+    out = []
+    for i in range(n):
+        out.append(c.encrypt(reals[i * REALS_PER_CIPHERTEXT:(i + 1) * REALS_PER_CIPHERTEXT]))
+        if progress:
+            progress("encrypt", i + 1, n)
+    return out
 
-    def add(self, index: int, blob: bytes) -> None:
-        """Parse ``blob`` and add it at ``index``."""
-        ct = load_ciphertext(self._key, blob)
-        self.add_parsed(index, ct)
 
-    def add_parsed(self, index: int, ct: seal.Ciphertext) -> None:
-        if self._parts[index] is None:
-            self._parts[index] = ct
-        else:
-            self._evaluator.add_inplace(self._parts[index], ct)
-        self._counts[index] += 1
-
-    def subtract(self, index: int, blob: bytes) -> None:
-        """Undo an :meth:`add` of ``blob`` exactly (modular arithmetic), for a rolled-back submission."""
-        ct = load_ciphertext(self._key, blob)
-        if self._counts[index] == 1:
-            # Removing the only contribution empties the position. SEAL refuses to compute a zero
-            # ("transparent") ciphertext, so sub_inplace would raise here and leave the sum damaged.
-            self._parts[index] = None
-        else:
-            self._evaluator.sub_inplace(self._parts[index], ct)
-        self._counts[index] -= 1
-
-    def iter_blobs(self) -> Iterator[bytes]:
-        """The sum, serialized one ciphertext at a time; raises if a position never received one."""
-        if any(p is None for p in self._parts):
-            raise CiphertextError("the encrypted sum is incomplete")
-        for part in self._parts:
-            yield save_ciphertext(part)
+def decrypt(key: ClientKey, c0_sums: Sequence[bytes], seeds: Sequence[Sequence[bytes]],
+            progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
+    """The reals of the summed ciphertexts: ``seeds[i]`` are the contributors' seeds of ciphertext ``i``."""
+    c = codec(key)
+    out = np.empty(len(c0_sums) * REALS_PER_CIPHERTEXT)
+    for i, (c0, ct_seeds) in enumerate(zip(c0_sums, seeds)):
+        out[i * REALS_PER_CIPHERTEXT:(i + 1) * REALS_PER_CIPHERTEXT] = c.decrypt(c0, ct_seeds)
+        if progress:
+            progress("decrypt", i + 1, len(c0_sums))
+    return out
 
 
 def _unlink(path: str) -> None:

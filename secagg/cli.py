@@ -19,6 +19,7 @@ from secagg.errors import SecAggError
 
 if TYPE_CHECKING:
     from secagg.config import ServeSettings
+    from secagg.site_policy import SitePolicy
     from secagg.transport.server import Server
     from secagg.transport.tls import ClientTLS, ServerTLS
 
@@ -165,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--deadline", type=float, metavar="SECONDS", help="seconds from now until the round closes or fails")
     rc.add_argument("--template", required=True, metavar="MODEL", help="a model of the round's architecture")
     rc.add_argument("--max-weight", type=float, metavar="W",
-                    help="largest --weight a client may use (default 1e5); closer to the real weights is more precise")
+                    help="largest --weight a client may use (default 1e5); released averages are precise to about "
+                         "release_precision * W_max / W, so keep it close to the real weights (1 for unweighted)")
     rc.add_argument("--value-bound", type=float, metavar="B",
                     help="largest |parameter| a client may submit (default 100); keeps the encrypted sum from overflowing")
     rc.add_argument("--enroll", metavar="A,B,...", help="comma-separated client ids allowed to submit (default: any)")
@@ -204,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
                          "model); default: clip the whole weight vector")
     _dp_options(sm, "this site's own local DP, for a round without DP settings (the round's settings otherwise "
                     "apply automatically)")
+    _site_policy_options(sm)
 
     f = sub.add_parser("fetch", help="fetch and decrypt a round's weighted average as a model file", epilog=EPILOG)
     _server_round(f)
@@ -214,6 +217,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
                    help="keep trying to reach the aggregator this long at start (default 60)")
+    f.add_argument("--min-cohort", type=int, default=3, metavar="K",
+                   help="this site's own minimum: refuse a sum of fewer than K contributions, whatever the aggregator "
+                        "says (default 3)")
 
     sim = sub.add_parser("simulate", help="merge several sites' models through a real loopback aggregator",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -262,8 +268,11 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--max-weight", type=float, default=1e5, metavar="W",
                     help="the same at every site: at least the largest site's training rows (default 1e5)")
     mg.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
+    mg.add_argument("--min-cohort", type=int, default=3, metavar="K",
+                    help="this site's own minimum: refuse any average of fewer than K sites (default 3)")
     mg.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     _torch_options(mg)
+    _site_policy_options(mg)
 
     sc = sub.add_parser("scaler", help="fit a scaler: one shared by all sites from encrypted sums, or this site's "
                         "own (--local)", epilog=EPILOG,
@@ -367,6 +376,33 @@ def _dp_config(args: argparse.Namespace, min_clients: int | None, default_mode: 
     return DPConfig(args.clip_norm, z, delta, args.dp_mode or default_mode, k).validate()
 
 
+def _site_policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("site privacy policy", "This site's own limits, checked against every round's DP "
+                             "settings before anything is encrypted: the aggregator is not trusted to choose them.")
+    g.add_argument("--require-dp", action="store_true",
+                   help="refuse rounds without DP settings (this site's update would carry no noise)")
+    g.add_argument("--max-epsilon", type=float, metavar="EPS",
+                   help="refuse a round whose own epsilon, computed here from its settings, is above EPS")
+    g.add_argument("--min-noise-multiplier", type=float, metavar="Z", help="refuse a round with less noise than Z")
+    g.add_argument("--site-budget", type=float, metavar="EPS",
+                   help="this site's total epsilon over the federation's rounds, kept in its own ledger; a round "
+                        "that would go over it is refused")
+    g.add_argument("--site-ledger", metavar="PATH",
+                   help="this site's privacy ledger (default with --site-budget: site-ledger.json next to --key)")
+
+
+def _site_policy(args: argparse.Namespace) -> SitePolicy | None:
+    """This site's privacy policy from --require-dp, --max-epsilon, ... --site-ledger; None if none was given."""
+    limits = (args.max_epsilon, args.min_noise_multiplier, args.site_budget, args.site_ledger)
+    if not args.require_dp and all(v is None for v in limits):
+        return None
+    from secagg.site_policy import SitePolicy
+
+    return SitePolicy.for_key(args.key, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
+                              min_noise_multiplier=args.min_noise_multiplier, budget=args.site_budget,
+                              ledger=args.site_ledger)
+
+
 def _server_round(p: argparse.ArgumentParser, round_id: bool = True, required: bool = True) -> None:
     p.add_argument("--server", required=required, metavar="HOST:PORT", help="the aggregator's address")
     if round_id:
@@ -421,7 +457,8 @@ def _serve(args: argparse.Namespace) -> None:
                           max_params=settings.max_params,
                           epsilon_budget=settings.epsilon_budget, delta=settings.delta, tls=_server_tls(settings),
                           insecure=settings.insecure, metrics_port=settings.metrics_port,
-                          metrics_host=settings.metrics_host, health_listen=settings.health_listen)
+                          metrics_host=settings.metrics_host, health_listen=settings.health_listen,
+                          allow_non_dp_rounds=settings.allow_non_dp_rounds)
     log = logging.getLogger("secagg.cli")  # only once serving: a failed start prints its one error line alone
     log.info("settings from %s", ", ".join(f"{name}: {source}" for name, source in settings.sources.items()
                                             if source != "default"))
@@ -477,7 +514,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "submit":
         r = secagg.submit(args.server, args.round, args.key, args.client_id, args.model, args.weight,
                           progress=_Progress(args.quiet), retry_for=args.retry_for, dp_reference=args.dp_reference,
-                          local_dp=_dp_config(args, None, "local"), tls=_client_tls(args))
+                          local_dp=_dp_config(args, None, "local"), policy=_site_policy(args), tls=_client_tls(args))
+        if r.precision > 1e-6 and not args.quiet:
+            print(f"secagg: note: with --weight {args.weight:g} this round releases averages precise to about "
+                  f"{r.precision:.2g} (its --max-weight is far above the weights); create rounds with --max-weight "
+                  "close to the real weights for more", file=sys.stderr)
         print(json.dumps({"round": r.round_id, "client_id": r.client_id, "submitted": r.submitted,
                           "already_accepted": r.already_accepted, "num_params": r.num_params,
                           "wire_bytes": r.wire_bytes, "bytes_per_param": round(r.wire_bytes / r.num_params, 3),
@@ -510,6 +551,7 @@ def _run(args: argparse.Namespace) -> int:
 
         _check_rounds(args)
         check_method(args.method, args.finetune_rounds)
+        policy = _site_policy(args)
         progress = _StepProgress(args.quiet)
         progress("load", f"{args.model}, checked against its framework on {args.data}")
         site = load_site(args.client_id, args.model, args.data, torch_module=args.torch_model,
@@ -517,7 +559,7 @@ def _run(args: argparse.Namespace) -> int:
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
                                args.method, args.clients, args.finetune_rounds,
                                args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup,
-                               tls=_client_tls(args), progress=progress)
+                               tls=_client_tls(args), progress=progress, policy=policy, min_cohort=args.min_cohort)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         progress.done(f"wrote {written}")
         _print_scores(info, args.quiet)
@@ -539,7 +581,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"out": args.out, "model": args.model, **result.summary()}))
     elif args.command == "fetch":
         out = secagg.fetch(args.server, args.round, args.key, args.template, args.out, args.wait,
-                           progress=_Progress(args.quiet), retry_for=args.retry_for, tls=_client_tls(args))
+                           progress=_Progress(args.quiet), retry_for=args.retry_for, min_cohort=args.min_cohort,
+                           tls=_client_tls(args))
         print(json.dumps({"round": args.round, "out": str(out)}))
     return 0
 

@@ -83,6 +83,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("epsilon-budget", "float", "the federation's privacy budget: DP rounds that would exceed it are refused "
            "(kept in --state-dir)", metavar="EPS"),
     Option("delta", "float", "the federation's delta for --epsilon-budget (e.g. 1e-5)", metavar="D"),
+    Option("allow-non-dp-rounds", "bool", "with --epsilon-budget, also create rounds without DP (refused otherwise: "
+           "their sums carry no noise)", default=False),
     Option("metrics-port", "int", "serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0 picks a free "
            "port; the address is logged)", metavar="PORT", group=OPS),
     Option("metrics-host", "str", "address the metrics port binds", metavar="HOST", group=OPS,
@@ -114,6 +116,7 @@ class ServeSettings:
     max_params: int
     epsilon_budget: float | None
     delta: float | None
+    allow_non_dp_rounds: bool
     metrics_port: int | None
     metrics_host: str | None
     health_listen: str | None

@@ -91,3 +91,7 @@ class CohortError(SecAggError):
 
 class ScalerError(SecAggError):
     """A scaler file is invalid, or a scaler does not fit the data it is applied to."""
+
+
+class MaskingError(SecAggError):
+    """A masked round's stage cannot go on: a statement does not verify, too few sites, a share refused."""

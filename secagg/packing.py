@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -58,7 +59,7 @@ class TensorSpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: a product of large dimensions must not wrap around
 
     def matches(self, other: "TensorSpec") -> bool:
         """Same shape and dtype, and the same layer type unless one side does not know it. Names are not compared."""
@@ -99,9 +100,14 @@ class ModelSpec:
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
         """Rows of ``[name, shape, dtype]`` or ``[name, shape, dtype, layer_type]``."""
+        if not isinstance(text, str) or len(text) > MAX_SPEC_JSON:
+            raise ModelFormatError(f"malformed model spec: longer than {MAX_SPEC_JSON} characters")
         try:
             rows = json.loads(text)
             spec = cls(tuple(_tensor_spec(row) for row in rows))
+        except RecursionError:
+            raise ModelFormatError("malformed model spec: nested too deeply; send the template through the secagg "
+                                   "client") from None
         except (ValueError, TypeError, OverflowError) as exc:
             raise ModelFormatError(f"malformed model spec: {exc}; send the template through the secagg client") from exc
         names = [t.name for t in spec.tensors]
@@ -177,6 +183,8 @@ def unflatten(spec: ModelSpec, vector: np.ndarray, template: Mapping[str, np.nda
 #: No spec can describe more values than this (2^40): beyond it sizes overflow int64 products long
 #: before any aggregator could hold the sum. The aggregator's own, much lower limit is --max-params.
 MAX_SPEC_PARAMS = 2**40
+#: Longest spec JSON accepted (a million tensors of ordinary names fits).
+MAX_SPEC_JSON = 64 * 1024 * 1024
 #: Longest layer type a spec may carry (wrapper/inner class names are far shorter).
 MAX_LAYER_TYPE = 200
 

@@ -2,32 +2,35 @@
 
 A round is created ``collecting``; it becomes ``closed`` when every expected client submitted, or
 at its deadline if at least ``min_clients`` did; otherwise at the deadline it becomes ``failed``.
-An administrator may cancel a collecting round that can never complete: it becomes ``failed`` with
-the reason ``cancelled: ...``, like a round that missed its quorum.
 
 State directory layout, one folder per round::
 
-    rounds/<round_id>/round.json          config and state (atomically replaced)
+    rounds/<round_id>/round.json          config (with the federation key id) and state (atomically replaced)
     rounds/<round_id>/incoming/*.part     updates still streaming in (deleted on restart)
     rounds/<round_id>/accepted/<client>   accepted updates, the write-ahead log of the sum
-    rounds/<round_id>/aggregate           the final encrypted sum, once closed
+    rounds/<round_id>/aggregate           the final encrypted sum with every contributor's seeds and record
+    rounds/<round_id>/QUARANTINE          why a damaged round was set aside (its files are kept)
 
 An update is accepted when its file is renamed into ``accepted/``; only then does the client get
-its acknowledgement. The running sum lives in memory (O(model), whatever the number of clients)
-and is rebuilt from ``accepted/`` after a restart, so a SIGKILL at any moment loses nothing
-acknowledged and counts nothing twice. Once a round closes its individual updates are deleted:
-only the sum is kept.
+its acknowledgement. The running sum of first polynomials lives in memory (O(model), whatever the
+number of clients) and is rebuilt from ``accepted/`` after a restart, so a SIGKILL at any moment
+loses nothing acknowledged and counts nothing twice. Once a round closes its individual updates are
+deleted: only the sum (and every contributor's seeds and record, which clients need to decrypt and
+check it) is kept.
+
+The core trusts nothing it stores: at start every accepted update is re-read and its digest
+re-checked, every round's key id and DP settings are compared with the federation's key and
+privacy ledger, and a round that fails any of it is quarantined (failed, with the reason, its
+files kept for inspection) while every other round is served.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import secrets
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,9 +38,13 @@ from pathlib import Path
 
 from secagg import envelope, store
 from secagg.budget import PrivacyLedger
-from secagg.ciphertexts import Bounds, EncryptedSum, num_ciphertexts
+from secagg.contribution import Contribution, Terms, round_settings, seeds_digest
 from secagg.envelope import Chunk, ChunkValidator, Header, check_id
+from secagg.polys import SEED_BYTES, C0Sum, c0_bytes, parse_c0
+from secagg.release import grid
+from secagg.slots import VALUE_LIMIT, Bounds, num_ciphertexts
 from secagg.errors import (
+    AggregateCheckError,
     AuthError,
     CiphertextError,
     CohortError,
@@ -62,9 +69,9 @@ DEFAULT_VALUE_BOUND = 100.0
 #: No sum of fewer contributions is ever released: with K contributors, K-1 colluding sites subtract
 #: their own updates from the sum and read the remaining one (with 2, each reads the other's model).
 DEFAULT_MIN_COHORT = 3
-#: Largest model a round may be created for. The running encrypted sum is allocated when the round
-#: is created (about 18 bytes per parameter: measured 903 MB RSS at 50M), so an unbounded spec from
-#: anyone allowed to create rounds could exhaust memory, and again on every restart.
+#: Largest model a round may be created for. The running sum is allocated when the round is created
+#: (8 bytes per parameter), so an unbounded spec from anyone allowed to create rounds could exhaust
+#: memory, and again on every restart.
 DEFAULT_MAX_PARAMS = 100_000_000
 
 
@@ -99,6 +106,7 @@ class RoundConfig:
     value_bound: float = DEFAULT_VALUE_BOUND
     dp: DPConfig | None = None
     enrolled: tuple[str, ...] = ()
+    key_id: str = ""  # the federation key the round belongs to ("" in rounds of older versions)
 
     @property
     def bounds(self) -> Bounds:
@@ -119,6 +127,7 @@ class RoundConfig:
             "value_bound": self.value_bound,
             "dp": self.dp.to_dict() if self.dp else None,
             "enrolled": list(self.enrolled),
+            "key_id": self.key_id,
         }
 
     @classmethod
@@ -127,7 +136,14 @@ class RoundConfig:
             d["round_id"], ModelSpec.from_json(d["spec"]), int(d["expected_clients"]), int(d["min_clients"]),
             d["deadline_unix"], float(d["max_weight"]), float(d["value_bound"]),
             DPConfig.from_dict(d["dp"]) if d.get("dp") else None, tuple(d.get("enrolled", ())),
+            str(d.get("key_id", "")),
         )
+
+    def terms(self, key_id: str) -> Terms:
+        """What every contribution of this round is bound to (:mod:`secagg.contribution`)."""
+        return Terms(key_id, self.round_id, self.spec.hash, self.num_ciphertexts,
+                     round_settings(self.expected_clients, self.min_clients, self.max_weight, self.value_bound,
+                                    self.dp.to_dict() if self.dp else None, self.enrolled))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +170,16 @@ class RoundStatus:
     epsilon_budget: float | None = None
     delta: float | None = None  # the federation's delta
     min_cohort: int = DEFAULT_MIN_COHORT
+    release_grid: float = 0.0  # released sums are rounded to this (encoded units; secagg.release)
+    release_precision: float = 0.0  # precision of a released average when every weight is max_weight
+
+    def terms(self) -> Terms:
+        """What every contribution of this round is bound to, as a client sees the round."""
+        from secagg.slots import num_ciphertexts as count
+
+        return Terms(self.key_id, self.round_id, self.spec_hash, count(self.num_params),
+                     round_settings(self.expected, self.min_clients, self.max_weight, self.value_bound, self.dp,
+                                    self.enrolled))
 
     def to_json_dict(self) -> dict:
         """The fields ``secagg round status`` prints."""
@@ -177,6 +203,8 @@ class RoundSummary:
 
 #: Longest reason an administrator may give when cancelling a round.
 MAX_CANCEL_REASON = 500
+#: Written into a round's folder when it is quarantined at start; the round stays set aside until removed.
+QUARANTINE_FILE = "QUARANTINE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,25 +217,51 @@ class SubmitResult:
 
 @dataclasses.dataclass(frozen=True)
 class Aggregate:
-    """A closed round's encrypted sum, ready to stream to a client."""
+    """A closed round's sum of first polynomials with every contributor's seeds and record, ready to stream."""
 
     header: Header
-    contributions: int
-    clients: tuple[str, ...]
+    records: tuple[Contribution, ...]
     config: RoundConfig
-
     path: Path
 
+    @property
+    def contributions(self) -> int:
+        return len(self.records)
+
+    @property
+    def clients(self) -> tuple[str, ...]:
+        return tuple(r.client_id for r in self.records)
+
     def chunks(self) -> Iterator[Chunk]:
-        batch: list[bytes] = []
-        index = 0
-        for blob in store.iter_blobs(self.path):
-            batch.append(blob)
-            if len(batch) == envelope.CIPHERTEXTS_PER_CHUNK:
-                yield Chunk(index, tuple(batch), envelope.chunk_digest(batch))
-                batch, index = [], index + 1
-        if batch:
-            yield Chunk(index, tuple(batch), envelope.chunk_digest(batch))
+        """Per ciphertext: the summed c0 and the contributors' seeds, in chunks that fit a message."""
+        return _aggregate_chunks(self.path, len(self.records))
+
+
+def _aggregate_chunks(path: Path, contributions: int) -> Iterator[Chunk]:
+    per = aggregate_chunk_size(contributions)
+    c0s: list[bytes] = []
+    seeds: list[bytes] = []
+    index = 0
+    for blob in store.iter_blobs(path):
+        split = len(blob) - SEED_BYTES * contributions
+        c0s.append(blob[:split])
+        seeds.append(blob[split:])
+        if len(c0s) == per:
+            yield Chunk(index, tuple(c0s), tuple(seeds), envelope.chunk_digest(index, c0s, seeds))
+            c0s, seeds, index = [], [], index + 1
+    if c0s:
+        yield Chunk(index, tuple(c0s), tuple(seeds), envelope.chunk_digest(index, c0s, seeds))
+
+
+def _aggregate_digest(path: Path, contributions: int) -> bytes:
+    """The digest a client checks the streamed sum against: of its chunk digests, cut as :meth:`Aggregate.chunks` cuts."""
+    return envelope.update_digest(chunk.digest for chunk in _aggregate_chunks(path, contributions))
+
+
+def aggregate_chunk_size(contributions: int) -> int:
+    """Ciphertexts per aggregate chunk: as many as fit in 3 MiB with every contributor's seeds."""
+    per_ct = 8 * 8192 + SEED_BYTES * contributions
+    return max(1, min(envelope.CIPHERTEXTS_PER_CHUNK, (3 * 1024 * 1024) // per_ct))
 
 
 class _Round:
@@ -223,7 +277,9 @@ class _Round:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.accepted: dict[str, str] = {}  # client id -> hex digest of its update
-        self.sum = EncryptedSum(key, config.num_ciphertexts) if state == COLLECTING else None
+        self.records: dict[str, Contribution] = {}  # client id -> its contribution record (open rounds)
+        self.seeds: dict[str, bytes] = {}  # client id -> its seeds, 64 bytes per ciphertext (open rounds)
+        self.sum = C0Sum(key.parameters, config.num_ciphertexts) if state == COLLECTING else None
         self.clients_at_close: tuple[str, ...] = ()
         self.aggregate_digest = ""
 
@@ -242,13 +298,16 @@ class Aggregator:
     It holds only a :class:`ServerKey`, which cannot decrypt. ``clock`` is injectable so tests of
     deadlines need no sleeping. ``min_cohort``: no round may close with fewer contributions.
     ``epsilon_budget``/``delta``: the federation's privacy budget (persisted in the state dir).
-    ``observer`` is told when rounds are created, close or fail (metrics).
+    ``observer`` is told when rounds are created, close or fail (metrics). ``ca_pem`` (mutual TLS):
+    the federation's CA certificate; contributions must then carry their client's signature.
+    ``allow_non_dp``: with a budget, rounds without DP are refused unless this is set.
     """
 
     def __init__(self, key: ServerKey, state_dir: str | Path, clock: Callable[[], float] = time.time,
                  min_cohort: int = DEFAULT_MIN_COHORT, max_params: int = DEFAULT_MAX_PARAMS,
                  epsilon_budget: float | None = None,
-                 delta: float | None = None, observer: RoundObserver | None = None) -> None:
+                 delta: float | None = None, observer: RoundObserver | None = None, ca_pem: bytes | None = None,
+                 allow_non_dp: bool = False) -> None:
         if not isinstance(key, ServerKey) or hasattr(key, "secret_key"):
             raise KeyFileError("the aggregator must be given server.key, never the client's secret key")
         self.key = key
@@ -258,7 +317,10 @@ class Aggregator:
         self._rounds_dir = self.state_dir / "rounds"
         self._rounds_dir.mkdir(parents=True, exist_ok=True)
         self._rounds: dict[str, _Round] = {}
+        self._quarantine: dict[str, str] = {}  # round id -> why it was set aside at start
         self._lock = threading.Lock()
+        # Under mutual TLS, the federation's CA: every contribution must be signed by its client's certificate.
+        self.ca_pem = ca_pem
         if min_cohort < 1:
             raise CohortError(f"--min-cohort must be at least 1, got {min_cohort}")
         if min_cohort < DEFAULT_MIN_COHORT:
@@ -267,7 +329,7 @@ class Aggregator:
         self.min_cohort = min_cohort
         self.max_params = max_params
         self._check_state_key()
-        self.ledger = PrivacyLedger(self.state_dir, epsilon_budget, delta)
+        self.ledger = PrivacyLedger(self.state_dir, epsilon_budget, delta, allow_non_dp=allow_non_dp, clock=clock)
         self._recover()
 
     # -- rounds -----------------------------------------------------------------------------------
@@ -305,12 +367,14 @@ class Aggregator:
                     f"{config.round_id!r} may close with {config.min_clients}; raise --min-clients or lower "
                     "--min-honest"
                 )
+        config = dataclasses.replace(config, key_id=self.key.key_id)
         with self._lock:
-            if config.round_id in self._rounds:
+            if config.round_id in self._rounds or config.round_id in self._quarantine:
                 raise RoundExistsError(f"round {config.round_id!r} already exists; pick a new round id")
+            self.ledger.check_new_round(config.round_id, config.dp)
             if config.dp is not None:
                 # Charged before the round exists: a crash in between over-counts, never under-counts.
-                self.ledger.charge(config.round_id, config.dp.noise_multiplier, config.dp.delta)
+                self.ledger.charge(config.round_id, config.dp.noise_multiplier, config.dp.delta, dp=config.dp)
             folder = self._rounds_dir / config.round_id
             folder.mkdir()
             (folder / "accepted").mkdir()
@@ -336,6 +400,9 @@ class Aggregator:
 
     def status(self, round_id: str) -> RoundStatus:
         """The round's public state; applies its deadline first."""
+        if round_id in self._quarantine:
+            return RoundStatus(round_id, FAILED, 0, 0, 0, (), None, "", self.key.key_id, 0.0, 0.0, 0,
+                               self._quarantine[round_id], min_cohort=self.min_cohort)
         rnd = self._round(round_id)
         with rnd.lock:
             self._apply_deadline(rnd)
@@ -352,6 +419,7 @@ class Aggregator:
                 submitted = len(rnd.accepted) if rnd.state == COLLECTING else len(rnd.clients_at_close)
                 summaries.append(RoundSummary(rnd.config.round_id, rnd.state, submitted, rnd.config.expected_clients,
                                               rnd.created_unix, rnd.reason))
+        summaries += [RoundSummary(r, FAILED, 0, 0, None, why) for r, why in self._quarantine.items()]
         return sorted(summaries, key=lambda s: (s.created_unix or 0.0, s.round_id))
 
     def cancel_round(self, round_id: str, reason: str = "", by: str | None = None) -> RoundStatus:
@@ -378,6 +446,12 @@ class Aggregator:
     def round_config(self, round_id: str) -> RoundConfig:
         return self._round(round_id).config
 
+    def round_spec(self, round_id: str) -> ModelSpec:
+        """The round's model spec; empty for a quarantined round (its status says why)."""
+        if round_id in self._quarantine:
+            return ModelSpec(())
+        return self._round(round_id).config.spec
+
     def open_rounds(self) -> int:
         """How many rounds are collecting updates."""
         with self._lock:
@@ -402,12 +476,13 @@ class Aggregator:
             with rnd.lock:
                 submitted = len(rnd.accepted) if rnd.state == COLLECTING else len(rnd.clients_at_close)
             return SubmitResult(rnd.config.round_id, header.client_id, submitted, True)
-        validator = ChunkValidator(header)
+        validator = ChunkValidator(header, c0_bytes(self.key.parameters))
         part = rnd.incoming_dir / f"{header.client_id}.{secrets.token_hex(6)}.part"
-        writer = store.BlobWriter(part, {"client_id": header.client_id, "digest": header.digest.hex()})
+        writer = store.BlobWriter(part, {"client_id": header.client_id, "digest": header.digest.hex(),
+                                         "contribution": header.contribution.to_dict()})
         try:
             for chunk in chunks:
-                writer.write(validator.accept(chunk))
+                writer.write(c0 + seed for c0, seed in validator.accept(chunk))
             validator.finish()
             return self._accept(rnd, header, writer)
         finally:
@@ -420,6 +495,10 @@ class Aggregator:
                 f"{envelope.FORMAT_VERSION}); upgrade the client or the aggregator so they match"
             )
         check_id("client", header.client_id)
+        record = header.contribution
+        if record is None or record.client_id != header.client_id or record.digest != header.digest:
+            raise EnvelopeError("the update carries no contribution record for its own client id and digest; "
+                                "submit with the secagg client")
         rnd = self._round(header.round_id)
         if rnd.config.enrolled and header.client_id not in rnd.config.enrolled:
             raise AuthError(
@@ -441,6 +520,7 @@ class Aggregator:
             raise EnvelopeError(
                 f"the update has {header.num_ciphertexts} ciphertexts; round {cfg.round_id!r} needs {cfg.num_ciphertexts}"
             )
+        self._verify_record(cfg, header.contribution)
         with rnd.lock:
             self._apply_deadline(rnd)
             return rnd, self._check_open(rnd, header)
@@ -468,13 +548,13 @@ class Aggregator:
             if self._check_open(rnd, header):
                 return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), True)
             writer.commit(writer.tmp_path)  # make the bytes durable before they count
-            self._add_update(rnd, writer.tmp_path)
+            self._add_update(rnd, writer.tmp_path, header.client_id, header.contribution)
             final = rnd.accepted_dir / header.client_id
             try:
                 writer.tmp_path.replace(final)
                 store.fsync_dir(rnd.accepted_dir)
             except OSError:
-                self._subtract_update(rnd, writer.tmp_path, len(rnd.sum))
+                self._remove_update(rnd, header.client_id, writer.tmp_path)
                 raise
             rnd.accepted[header.client_id] = header.digest.hex()
             log.info("update accepted", extra={"round": rnd.config.round_id, "client": header.client_id})
@@ -483,32 +563,56 @@ class Aggregator:
             rnd.changed.notify_all()
             return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), False)
 
-    def _add_update(self, rnd: _Round, path: Path) -> None:
-        """Parse and add every ciphertext; on a bad one, subtract what was added (exact) and refuse."""
+    def _add_update(self, rnd: _Round, path: Path, client_id: str, record: Contribution) -> None:
+        """Check every coefficient and the seeds' digest, then add; on a bad one, undo what was added (exact) and refuse."""
+        params = self.key.parameters
+        size = c0_bytes(params)
         added = 0
+        seeds = bytearray()
         try:
             for i, blob in enumerate(store.iter_blobs(path)):
-                rnd.sum.add(i, blob)
+                if i >= rnd.config.num_ciphertexts or len(blob) != size + SEED_BYTES:
+                    raise CiphertextError(f"ciphertext {i} has the wrong size for this round")
+                rnd.sum.add(i, parse_c0(params, blob[:size]))
+                seeds += blob[size:]
                 added += 1
+            if added != rnd.config.num_ciphertexts:
+                raise CiphertextError(f"{added} of the round's {rnd.config.num_ciphertexts} ciphertexts")
+            if seeds_digest(bytes(seeds[i:i + SEED_BYTES]) for i in range(0, len(seeds), SEED_BYTES)) != record.seeds_digest:
+                raise CiphertextError("its seeds do not match the digest in its contribution record")
         except CiphertextError as exc:
-            self._subtract_update(rnd, path, added)
+            self._subtract_first(rnd, path, added)
             raise CiphertextError(
-                f"ciphertext {added} of the update is not valid for this federation ({exc}); "
+                f"the update is not valid for this federation (ciphertext {added}: {exc}); "
                 "re-encrypt with the federation's client.key and resend"
             ) from None
+        rnd.seeds[client_id] = bytes(seeds)
+        rnd.records[client_id] = record
 
-    @staticmethod
-    def _subtract_update(rnd: _Round, path: Path, count: int) -> None:
+    def _subtract_first(self, rnd: _Round, path: Path, count: int) -> None:
+        size = c0_bytes(self.key.parameters)
         for i, blob in enumerate(store.iter_blobs(path)):
             if i >= count:
                 break
-            rnd.sum.subtract(i, blob)
+            rnd.sum.subtract(i, parse_c0(self.key.parameters, blob[:size]))
+
+    def _remove_update(self, rnd: _Round, client_id: str, path: Path) -> None:
+        self._subtract_first(rnd, path, rnd.config.num_ciphertexts)
+        rnd.seeds.pop(client_id, None)
+        rnd.records.pop(client_id, None)
 
     # -- aggregates -------------------------------------------------------------------------------
 
-    def aggregate(self, round_id: str, wait: float = 0.0) -> Aggregate:
-        """The closed round's encrypted sum; waits up to ``wait`` seconds for it to close."""
+    def aggregate(self, round_id: str, wait: float = 0.0, caller: str | None = None) -> Aggregate:
+        """The closed round's sum; waits up to ``wait`` seconds for it to close.
+
+        ``caller``: the authenticated client asking (mutual TLS); a round with enrollment serves its
+        sum only to its enrolled clients.
+        """
         rnd = self._round(round_id)
+        if caller is not None and rnd.config.enrolled and caller not in rnd.config.enrolled:
+            raise AuthError(f"client {caller!r} is not enrolled in round {round_id!r}, so it may not fetch its sum; "
+                            "ask the round's administrator to enroll it")
         end = time.monotonic() + max(0.0, wait)
         with rnd.lock:
             while True:
@@ -526,17 +630,20 @@ class Aggregator:
                 raise RoundStateError(f"round {round_id!r} failed: {rnd.reason}")
             path = rnd.folder / "aggregate"
             meta = store.read_blob_header(path)
-            blobs_digest = bytes.fromhex(rnd.aggregate_digest)
+            records = tuple(Contribution.from_dict(r) for r in meta["records"])
             cfg = rnd.config
-            n_chunks = math.ceil(cfg.num_ciphertexts / envelope.CIPHERTEXTS_PER_CHUNK)
-            header = Header(round_id, "", self.key.key_id, cfg.spec.hash, cfg.num_ciphertexts, n_chunks, blobs_digest)
-            return Aggregate(header, int(meta["contributions"]), tuple(meta["clients"]), cfg, path)
+            n_chunks = math.ceil(cfg.num_ciphertexts / aggregate_chunk_size(len(records)))
+            header = Header(round_id, "", self.key.key_id, cfg.spec.hash, cfg.num_ciphertexts, n_chunks,
+                            bytes.fromhex(rnd.aggregate_digest))
+            return Aggregate(header, records, cfg, path)
 
     # -- internals --------------------------------------------------------------------------------
 
     def _round(self, round_id: str) -> _Round:
         with self._lock:
             rnd = self._rounds.get(round_id)
+        if rnd is None and round_id in self._quarantine:
+            raise RoundStateError(f"round {round_id!r} failed: {self._quarantine[round_id]}")
         if rnd is None:
             raise RoundNotFoundError(
                 f"no round {round_id!r} on this aggregator; check the id with 'secagg round status' or create it"
@@ -553,6 +660,8 @@ class Aggregator:
             dp=cfg.dp.to_dict() if cfg.dp else None, enrolled=cfg.enrolled,
             epsilon_round=ledger.round_epsilon(cfg.round_id), epsilon_spent=ledger.spent(),
             epsilon_budget=ledger.epsilon_budget, delta=ledger.delta, min_cohort=self.min_cohort,
+            release_grid=grid(cfg.expected_clients),
+            release_precision=grid(cfg.expected_clients) * cfg.value_bound / VALUE_LIMIT,
         )
 
     def _apply_deadline(self, rnd: _Round) -> None:
@@ -574,6 +683,7 @@ class Aggregator:
         rnd.reason = f"{why}; accepted from: {', '.join(rnd.clients_at_close) or 'nobody'}" + (
             f"; missing: {', '.join(missing)}" if missing else "")
         rnd.sum = None
+        rnd.seeds, rnd.records = {}, {}
         self._save_round(rnd)
         self._drop_updates(rnd)
         log.warning("round failed", extra={"round": cfg.round_id, "reason": rnd.reason})
@@ -586,17 +696,19 @@ class Aggregator:
             self._fail(rnd, f"{len(clients)} contribution(s) are fewer than this aggregator's minimum cohort "
                             f"{self.min_cohort}: the sum is not released")
             return
-        writer = store.BlobWriter(rnd.folder / "aggregate.tmp", {"contributions": len(clients), "clients": list(clients)})
-        digest = hashlib.sha256()
-        for blob in rnd.sum.iter_blobs():  # one ciphertext at a time: no second copy of the sum
-            digest.update(struct.pack(">I", len(blob)))
-            digest.update(blob)
-            writer.write([blob])
+        records = [rnd.records[c].to_dict() for c in clients]
+        writer = store.BlobWriter(rnd.folder / "aggregate.tmp", {"contributions": len(clients), "clients": list(clients),
+                                                                 "records": records})
+        for i in range(len(rnd.sum)):  # one ciphertext at a time: no second copy of the sum
+            writer.write([rnd.sum.row_bytes(i) + b"".join(rnd.seeds[c][i * SEED_BYTES:(i + 1) * SEED_BYTES]
+                                                           for c in clients)])
         writer.commit(rnd.folder / "aggregate")
+        digest = _aggregate_digest(rnd.folder / "aggregate", len(clients))
         rnd.state = CLOSED
         rnd.clients_at_close = clients
-        rnd.aggregate_digest = digest.hexdigest()
+        rnd.aggregate_digest = digest.hex()
         rnd.sum = None
+        rnd.seeds, rnd.records = {}, {}
         self._save_round(rnd)
         self._drop_updates(rnd)
         log.info("round closed", extra={"round": rnd.config.round_id, "contributions": len(clients)})
@@ -636,31 +748,122 @@ class Aggregator:
             tmp.replace(marker)
 
     def _recover(self) -> None:
-        """Rebuild every round from its folder: replay accepted updates, drop partial ones."""
-        for folder in sorted(p for p in self._rounds_dir.iterdir() if p.is_dir()):
+        """Rebuild every round from its folder: re-check and replay accepted updates, drop partial ones.
+
+        A round that cannot be trusted (unreadable or inconsistent files, another federation's key,
+        an update whose bytes no longer match its digest) is quarantined: failed with the reason, its
+        files kept for inspection, and every other round served.
+        """
+        # The privacy ledger first: every DP round found is charged (deleting privacy.json does not reset
+        # the spending), and a round whose DP settings differ from its charge is set aside.
+        folders = sorted(p for p in self._rounds_dir.iterdir() if p.is_dir())
+        dps = {}
+        for folder in folders:
+            try:
+                dps[folder.name] = RoundConfig.from_dict(store.read_json(folder / "round.json")["config"]).dp
+            except Exception:  # unreadable: quarantined below
+                pass
+        for round_id, why in self.ledger.reconcile(dps).items():
+            if not (self._rounds_dir / round_id / QUARANTINE_FILE).exists():
+                self._set_aside(self._rounds_dir / round_id, why)
+        for folder in folders:
             meta_path = folder / "round.json"
+            if (folder / QUARANTINE_FILE).exists():
+                self._quarantine[folder.name] = (folder / QUARANTINE_FILE).read_text(errors="replace").strip()
+                continue
             if not meta_path.exists():  # crashed between mkdir and the first save: never acknowledged
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            meta = store.read_json(meta_path)
-            rnd = _Round(self.key, folder, RoundConfig.from_dict(meta["config"]), meta["state"], meta.get("reason", ""),
-                         meta.get("created_unix"))
-            rnd.clients_at_close = tuple(meta.get("clients_at_close", ()))
-            rnd.aggregate_digest = meta.get("aggregate_digest", "")
-            if rnd.state != COLLECTING:
-                rnd.accepted = dict(meta.get("accepted_digests", {}))
-            if rnd.state == COLLECTING:
-                shutil.rmtree(rnd.incoming_dir, ignore_errors=True)
-                rnd.incoming_dir.mkdir(exist_ok=True)
-                rnd.accepted_dir.mkdir(exist_ok=True)
-                # Only complete updates are ever renamed into accepted/, under the client's id (which
-                # may itself end in ".tmp"), so every file there is an acknowledged update.
-                for path in sorted(rnd.accepted_dir.iterdir()):
-                    self._add_update(rnd, path)
-                    rnd.accepted[path.name] = store.read_blob_header(path)["digest"]
-                if len(rnd.accepted) == rnd.config.expected_clients:
-                    self._close(rnd)
-            else:
-                self._drop_updates(rnd)
+            try:
+                rnd = self._recover_round(folder)
+            except Exception as exc:  # anything at all: one damaged round must not stop the others
+                self._set_aside(folder, f"{type(exc).__name__}: {exc}")
+                continue
             self._rounds[rnd.config.round_id] = rnd
             log.info("round recovered", extra={"round": rnd.config.round_id, "state": rnd.state})
+
+    def _recover_round(self, folder: Path) -> _Round:
+        meta = store.read_json(folder / "round.json")
+        config = RoundConfig.from_dict(meta["config"])
+        if config.round_id != folder.name:
+            raise SecAggError(f"round.json names round {config.round_id!r}, not its folder's")
+        if not config.key_id:
+            raise KeyFileError("the round was created by a secagg version before format 2 (no federation key id); its "
+                               "updates cannot be checked or served by this version")
+        if config.key_id != self.key.key_id:
+            raise KeyFileError(f"the round belongs to federation key {config.key_id}, not this aggregator's "
+                               f"{self.key.key_id}")
+        rnd = _Round(self.key, folder, config, meta["state"], meta.get("reason", ""), meta.get("created_unix"))
+        if rnd.state not in (COLLECTING, CLOSED, FAILED):
+            raise SecAggError(f"unknown state {rnd.state!r}")
+        rnd.clients_at_close = tuple(meta.get("clients_at_close", ()))
+        rnd.aggregate_digest = meta.get("aggregate_digest", "")
+        if rnd.state == CLOSED:
+            self._check_aggregate(rnd)
+        if rnd.state != COLLECTING:
+            rnd.accepted = dict(meta.get("accepted_digests", {}))
+            self._drop_updates(rnd)
+            return rnd
+        shutil.rmtree(rnd.incoming_dir, ignore_errors=True)
+        rnd.incoming_dir.mkdir(exist_ok=True)
+        rnd.accepted_dir.mkdir(exist_ok=True)
+        # Only complete updates are ever renamed into accepted/, under the client's id (which may
+        # itself end in ".tmp"), so every file there is an acknowledged update: re-check it all.
+        for path in sorted(rnd.accepted_dir.iterdir()):
+            header = store.read_blob_header(path)
+            record = Contribution.from_dict(header["contribution"])
+            digest = bytes.fromhex(header["digest"])
+            if header["client_id"] != path.name or record.client_id != path.name or record.digest != digest:
+                raise SecAggError(f"accepted update {path.name!r} names client {header['client_id']!r}: it was copied "
+                                  "or renamed outside the aggregator")
+            if self._stored_digest(path) != digest:
+                raise SecAggError(f"accepted update {path.name!r} no longer matches its digest: it was altered or "
+                                  "damaged on disk")
+            self._verify_record(config, record)
+            self._add_update(rnd, path, path.name, record)
+            rnd.accepted[path.name] = header["digest"]
+        if len(rnd.accepted) == config.expected_clients:
+            self._close(rnd)
+        return rnd
+
+    def _stored_digest(self, path: Path) -> bytes:
+        """An accepted update's digest, recomputed from its stored ciphertexts as the client chunked them."""
+        size = c0_bytes(self.key.parameters)
+        digests, c0s, seeds = [], [], []
+        for blob in store.iter_blobs(path):
+            c0s.append(blob[:size])
+            seeds.append(blob[size:])
+            if len(c0s) == envelope.CIPHERTEXTS_PER_CHUNK:
+                digests.append(envelope.chunk_digest(len(digests), c0s, seeds))
+                c0s, seeds = [], []
+        if c0s:
+            digests.append(envelope.chunk_digest(len(digests), c0s, seeds))
+        return envelope.update_digest(digests)
+
+    def _check_aggregate(self, rnd: _Round) -> None:
+        contributions = int(store.read_blob_header(rnd.folder / "aggregate")["contributions"])
+        if _aggregate_digest(rnd.folder / "aggregate", contributions).hex() != rnd.aggregate_digest:
+            raise SecAggError("the stored encrypted sum no longer matches its digest: it was altered or damaged on disk")
+
+    def _set_aside(self, folder: Path, why: str) -> None:
+        """Quarantine a round: failed with ``why``, its files kept as they are, every other round served."""
+        reason = f"quarantined at start: {why}; its files are kept in {folder} for inspection"
+        try:
+            (folder / QUARANTINE_FILE).write_text(reason + "\n")
+        except OSError:
+            pass
+        self._quarantine[folder.name] = reason
+        log.error("round quarantined", extra={"round": folder.name, "reason": reason})
+        self.observer.round_failed(folder.name, None)
+
+    def _verify_record(self, config: RoundConfig, record: Contribution) -> None:
+        """Under mutual TLS: the record is signed by its client's certificate from the federation's CA."""
+        if self.ca_pem is None:
+            return
+        from secagg.contribution import check_signature, message
+
+        msg = message(config.terms(self.key.key_id), record.client_id, record.digest, record.seeds_digest)
+        try:
+            check_signature(record, msg, self.ca_pem)
+        except AggregateCheckError as exc:
+            raise AuthError(str(exc)) from None

@@ -79,15 +79,65 @@ def assert_close_to_average(result: Mapping[str, np.ndarray], expected: Mapping[
                 np.testing.assert_array_equal(result[name], arr)
 
 
-def sealed_update(key, status, client_id: str, tensors: Mapping[str, np.ndarray], weight: float = 1.0):
-    """(header, chunks) of an update exactly as secagg.submit builds them, for sending with the raw client."""
-    from secagg import ciphertexts, envelope
-    from secagg.packing import ModelSpec, flatten
+def release_bound(expected_clients: int, max_weight: float, value_bound: float, weights, peak: float) -> float:
+    """The largest error of a released weighted average (issue 10: "exact within the release grid").
 
-    spec = ModelSpec.of(tensors)
-    vec = ciphertexts.encode_update(flatten(spec, tensors), weight,
-                                    ciphertexts.Bounds(status.expected, status.max_weight, status.value_bound))
-    return envelope.seal_update(status.round_id, client_id, key.key_id, spec.hash, ciphertexts.encrypt(key, vec))
+    A client rounds the decrypted weighted sums S and the summed weight W to the grid g of the
+    number of contributions n (secagg.release) before dividing, so each is off by at most
+    e = g/2 + 10 noise_std(n), and S'/W' - S/W = (e_S - A e_W) / W' is at most e (1 + |A|) / (W - e).
+    W is the summed *encoded* weight: headroom * sum(weights) / max_weight, headroom =
+    2^18 / (expected_clients * value_bound) (secagg.slots). ``peak`` bounds |A|; the last term is the
+    float32 of a model file.
+    """
+    from secagg.release import grid, noise_std
+    from secagg.slots import VALUE_LIMIT
+
+    n = len(weights)
+    e = grid(n) / 2 + 10 * noise_std(n)
+    encoded = VALUE_LIMIT / (expected_clients * value_bound) * float(sum(weights)) / max_weight
+    return e * (1 + peak) / (encoded - e) + peak * 2.0**-24
+
+
+def release_tolerance(status, models: list[Mapping[str, np.ndarray]], weights, strict: bool = True) -> float:
+    """The error a released average of ``models`` may have in ``status``'s round (:func:`release_bound`).
+
+    ``strict``: the weights are close to the round's max weight (sample counts, or a max weight
+    chosen for them), so the bound is also held to the old "exact to 1e-6".
+    """
+    peak = max(float(np.max(np.abs(v))) for v in weighted_average(models, weights).values() if v.size)
+    bound = release_bound(status.expected, status.max_weight, status.value_bound, weights, peak)
+    if strict:
+        assert bound < 1e-6, f"the round's release grid allows errors up to {bound:.3g}: not a strict case"
+    return bound
+
+
+def sealed_update(key, status, client_id: str, tensors: Mapping[str, np.ndarray], weight: float = 1.0, tls=None):
+    """(header, chunks) of an update exactly as secagg.submit builds them, for sending with the raw client."""
+    from secagg.packing import ModelSpec, flatten
+    from secagg.updates import seal_update
+
+    update = seal_update(key, status, client_id, flatten(ModelSpec.of(tensors), tensors), weight, tls)
+    return update.header, update.chunks
+
+
+def reseal(key, status, client_id: str, pairs, per_chunk: int = 24, tls=None):
+    """(header, chunks) of the (c0, seed) ``pairs`` with valid digests and a valid contribution record, as
+    a client holding client.key could send them: for updates whose ciphertexts (or cut) a test changed."""
+    from secagg import contribution, envelope
+
+    pairs = list(pairs)
+    chunks = envelope.split_chunks(pairs, per_chunk)
+    digest = envelope.update_digest(c.digest for c in chunks)
+    record = contribution.make(key, status.terms(), client_id, digest,
+                               contribution.seeds_digest(seed for _, seed in pairs), tls)
+    header = envelope.Header(status.round_id, client_id, key.key_id, status.spec_hash, len(pairs), len(chunks),
+                             digest, record)
+    return header, chunks
+
+
+def ciphertext_pairs(chunks) -> list[tuple[bytes, bytes]]:
+    """Every (c0, seed) of an update's chunks, in order."""
+    return [pair for c in chunks for pair in zip(c.c0s, c.seeds)]
 
 
 class Helpers:
@@ -99,6 +149,10 @@ class Helpers:
     weighted_average = staticmethod(weighted_average)
     assert_close_to_average = staticmethod(assert_close_to_average)
     sealed_update = staticmethod(sealed_update)
+    release_bound = staticmethod(release_bound)
+    release_tolerance = staticmethod(release_tolerance)
+    reseal = staticmethod(reseal)
+    ciphertext_pairs = staticmethod(ciphertext_pairs)
 
 
 @pytest.fixture(scope="session")
@@ -298,9 +352,9 @@ Helpers.wait_for = staticmethod(wait_for)
 
 class PKI:
     """A development CA made by ``secagg.certs``: the aggregator's certificate (localhost, 127.0.0.1),
-    an admin (CN admin, OU secagg-admin), clients site0..site3, and a second, unrelated CA."""
+    an admin (CN admin, OU secagg-admin), clients site0..site5, and a second, unrelated CA."""
 
-    SITES = ("site0", "site1", "site2", "site3")
+    SITES = ("site0", "site1", "site2", "site3", "site4", "site5")
 
     def __init__(self, root: Path) -> None:
         from secagg import certs

@@ -11,6 +11,7 @@ import json
 import stat
 import subprocess
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -55,10 +56,12 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_round(cli, address, key_dir, round_id, paths, weights, template, out, popen=None):
-    """round create, one submit per model (optionally all at once), then fetch; returns the status JSONs."""
+def run_round(cli, address, key_dir, round_id, paths, weights, template, out, popen=None, create_args=(),
+              fetch_args=()):
+    """round create, one submit per model (optionally all at once), then fetch; returns the status JSONs
+    seen after each submission and the round as created (its limits: see :func:`limits`)."""
     created = json.loads(ok(cli("round", "create", "--server", address, "--round", round_id, "--clients",
-                                str(len(paths)), "--template", str(template))).stdout)
+                                str(len(paths)), "--template", str(template), *create_args)).stdout)
     assert (created["state"], created["submitted"], created["expected"]) == ("collecting", 0, len(paths))
     args = [["submit", "--server", address, "--round", round_id, "--key", str(key_dir / "client.key"),
              "--client-id", f"site-{i}", "--model", str(p), "--weight", str(w)]
@@ -75,9 +78,20 @@ def run_round(cli, address, key_dir, round_id, paths, weights, template, out, po
     final = status(cli, address, round_id)
     assert (final["state"], final["submitted"], final["expected"]) == ("closed", len(paths), len(paths))
     fetched = json.loads(ok(cli("fetch", "--server", address, "--round", round_id, "--key",
-                                str(key_dir / "client.key"), "--template", str(template), "--out", str(out))).stdout)
+                                str(key_dir / "client.key"), "--template", str(template), "--out", str(out),
+                                *fetch_args)).stdout)
     assert fetched["out"] == str(out) and out.is_file()
-    return seen
+    return seen, created
+
+
+def limits(created: dict):
+    """What helpers.release_tolerance needs of a round: its expected clients, max weight and value bound.
+
+    A released average is exact within the round's release grid; where the max weight is of the order
+    of the weights (``--max-weight`` below, or sample-count weights) that is also within the old 1e-6.
+    """
+    return types.SimpleNamespace(expected=created["expected"], max_weight=created["max_weight"],
+                                 value_bound=created["value_bound"])
 
 
 @pytest.fixture
@@ -114,13 +128,16 @@ def test_round_with_npz_models(cli, serve_process, keydir, npz_models, tmp_path,
     server = serve_process()
     paths, tensors = npz_models(3)
     weights = [250.0, 75.0, 1000.0]
-    seen = run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], tmp_path / "global.npz")
+    # The defaults, unchanged since issue 2 (sample counts as weights: exact to 1e-6 at the default max weight).
+    seen, created = run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], tmp_path / "global.npz")
+    assert (created["max_weight"], created["value_bound"]) == (1e5, 100.0)
     assert [(s["state"], s["submitted"], s["expected"]) for s in seen] == [
         ("collecting", 1, 3), ("collecting", 2, 3), ("closed", 3, 3)]
     assert seen[-1]["clients"] == ["site-0", "site-1", "site-2"]
     result = dict(np.load(tmp_path / "global.npz"))
     assert list(result) == list(tensors[0])
-    helpers.assert_close_to_average(result, helpers.weighted_average(tensors, weights), atol=1e-6, template=tensors[0])
+    tol = helpers.release_tolerance(limits(created), tensors, weights)
+    helpers.assert_close_to_average(result, helpers.weighted_average(tensors, weights), atol=tol, template=tensors[0])
     for name, arr in result.items():
         assert arr.dtype == tensors[0][name].dtype
 
@@ -143,14 +160,17 @@ def test_round_with_torch_models(cli, cli_popen, serve_process, keydir, tmp_path
         torch.save(net.state_dict(), paths[-1])
     weights = [10.0, 20.0, 5.0]
     out = tmp_path / "global.pt"
-    run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen)
+    _, created = run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen,
+                           create_args=("--max-weight", "20"))
 
     result = torch.load(out, weights_only=True)
     states = [{k: v.numpy() for k, v in n.state_dict().items()} for n in nets]
     assert list(result) == list(states[0])
     assert result["1.num_batches_tracked"].dtype == torch.int64
     helpers.assert_close_to_average({k: v.numpy() for k, v in result.items()},
-                                    helpers.weighted_average(states, weights), atol=1e-6, template=states[0])
+                                    helpers.weighted_average(states, weights),
+                                    atol=helpers.release_tolerance(limits(created), states, weights),
+                                    template=states[0])
     # The file loads into the architecture it came from.
     fresh = _torch_model(torch, 99)
     fresh.load_state_dict(result)
@@ -178,13 +198,16 @@ def test_round_with_keras_models(cli, cli_popen, serve_process, keydir, tmp_path
         m.save(paths[-1])
     weights = [3.0, 1.0]
     out = tmp_path / f"global{suffix}"
-    run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen)
+    # Two sites: the fetching site lowers its own minimum cohort (default 3) as the aggregator did.
+    _, created = run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen,
+                           create_args=("--max-weight", "3"), fetch_args=SMALL_COHORT)
 
     loaded = keras.saving.load_model(out, compile=False)
     got = {str(i): w for i, w in enumerate(loaded.get_weights())}
     sent = [{str(i): w for i, w in enumerate(m.get_weights())} for m in models]
     assert len(got) == len(sent[0]) == 8  # 2 + 4 (BatchNormalization) + 2
-    helpers.assert_close_to_average(got, helpers.weighted_average(sent, weights), atol=1e-6)
+    helpers.assert_close_to_average(got, helpers.weighted_average(sent, weights),
+                                    atol=helpers.release_tolerance(limits(created), sent, weights))
 
 
 def _notebook_models(keras, variant: str, n: int) -> list:
@@ -220,15 +243,18 @@ def test_round_with_notebook_keras_models(cli, cli_popen, serve_process, keydir,
     assert len({tuple(n) for n in names}) == 4  # the names differ from site to site
     weights = [120.0, 80.0, 300.0, 45.0]
     out = tmp_path / "global.keras"
-    run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen)
+    _, created = run_round(cli, server.address, keydir, "r1", paths, weights, paths[0], out, popen=cli_popen,
+                           create_args=("--max-weight", "300"))
 
     # Exact against the positional weighted average of get_weights(), and written with the template's names.
     expected = [sum(w * np.asarray(m.get_weights()[k], np.float64) for w, m in zip(weights, models)) / sum(weights)
                 for k in range(len(models[0].get_weights()))]
     got = keras.models.load_model(out, compile=False).get_weights()
     assert len(got) == len(expected) == len(names[0])
+    sent = [{str(k): w for k, w in enumerate(m.get_weights())} for m in models]
+    tol = helpers.release_tolerance(limits(created), sent, weights)
     helpers.assert_close_to_average({str(k): g for k, g in enumerate(got)},
-                                    {str(k): e for k, e in enumerate(expected)}, atol=1e-6)
+                                    {str(k): e for k, e in enumerate(expected)}, atol=tol)
     assert list(secagg.read_model(out)) == names[0]
     # Site 3 fetches with its own .h5 model as template: the same average under site 3's names.
     ck = str(keydir / "client.key")
@@ -237,7 +263,7 @@ def test_round_with_notebook_keras_models(cli, cli_popen, serve_process, keydir,
     mine = secagg.read_model(tmp_path / "global.h5")
     assert list(mine) == names[3]
     helpers.assert_close_to_average({str(k): g for k, g in enumerate(mine.values())},
-                                    {str(k): e for k, e in enumerate(expected)}, atol=1e-6)
+                                    {str(k): e for k, e in enumerate(expected)}, atol=tol)
 
     if variant == "lstm":
         # A model of other sizes is refused before anything is encrypted, naming both sides and the fix.
@@ -316,11 +342,14 @@ def test_fetch_wait_and_template_mismatch(cli, cli_popen, serve_process, keydir,
     server = serve_process(extra=SMALL_COHORT)
     a = server.address
     paths, tensors = npz_models(2)
-    ok(cli("round", "create", "--server", a, "--round", "r1", "--clients", "2", "--template", str(paths[0])))
+    # Max weight 1 (the weights): exact to 1e-6. Two sites: fetches lower their own minimum cohort too.
+    created = json.loads(ok(cli("round", "create", "--server", a, "--round", "r1", "--clients", "2", "--template",
+                                str(paths[0]), "--max-weight", "1")).stdout)
+    tol = helpers.release_tolerance(limits(created), tensors, [1, 1])
     ck = str(keydir / "client.key")
     ok(cli("submit", "--server", a, "--round", "r1", "--key", ck, "--client-id", "a", "--model", str(paths[0])))
     fetch = cli_popen("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(paths[0]),
-                      "--out", str(tmp_path / "g.npz"), "--wait", "120")
+                      "--out", str(tmp_path / "g.npz"), "--wait", "120", *SMALL_COHORT)
     try:
         ok(cli("submit", "--server", a, "--round", "r1", "--key", ck, "--client-id", "b", "--model", str(paths[1])))
     finally:
@@ -328,11 +357,11 @@ def test_fetch_wait_and_template_mismatch(cli, cli_popen, serve_process, keydir,
     ok(done)
     assert json.loads(done.stdout)["out"] == str(tmp_path / "g.npz")
     helpers.assert_close_to_average(dict(np.load(tmp_path / "g.npz")), helpers.weighted_average(tensors, [1, 1]),
-                                    atol=1e-6, template=tensors[0])
+                                    atol=tol, template=tensors[0])
 
     wrong = helpers.save_npz(tmp_path / "wrong.npz", {k: v for k, v in tensors[0].items() if k != "odd"})
     line = one_line_error(cli("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(wrong),
-                              "--out", str(tmp_path / "w.npz")),
+                              "--out", str(tmp_path / "w.npz"), *SMALL_COHORT),
                           f"template {wrong} does not match the round's architecture at tensor 3 of 5 (the round has 5 "
                           f"tensors, template {wrong} has 4): the round has 'odd' (7,) float64, template {wrong} has "
                           "'out/kernel' (64, 10) float32.")
@@ -341,11 +370,11 @@ def test_fetch_wait_and_template_mismatch(cli, cli_popen, serve_process, keydir,
     # Any site's own model serves as template, whatever its tensors are called: the file gets its names.
     renamed = helpers.save_npz(tmp_path / "renamed.npz", {f"site_b/{k}": v for k, v in tensors[1].items()})
     ok(cli("fetch", "--server", a, "--round", "r1", "--key", ck, "--template", str(renamed), "--out",
-           str(tmp_path / "b.npz")))
+           str(tmp_path / "b.npz"), *SMALL_COHORT))
     result = dict(np.load(tmp_path / "b.npz"))
     assert list(result) == [f"site_b/{k}" for k in tensors[1]]
     helpers.assert_close_to_average({k.removeprefix("site_b/"): v for k, v in result.items()},
-                                    helpers.weighted_average(tensors, [1, 1]), atol=1e-6, template=tensors[1])
+                                    helpers.weighted_average(tensors, [1, 1]), atol=tol, template=tensors[1])
 
 
 # -- cancel and list --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import secagg
 from secagg.errors import AuthError, RoundNotFoundError, RoundStateError, TransportError
 from secagg.packing import ModelSpec
-from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig
+from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus
 from secagg.transport.client import AggregatorClient
 
 
@@ -85,7 +85,8 @@ def test_sigkill_at_a_random_moment(trial, serve_process, keypair, client_key, t
     ids = [f"site-{i}" for i in range(CLIENTS)]
     state = tmp_path / "state"
     first = serve_process(state)
-    secagg.create_round(first.address, "r", models[0], clients=CLIENTS)
+    # Max weight = the largest site weight allowed (100): exact to 1e-6 within the release grid.
+    status = secagg.create_round(first.address, "r", models[0], clients=CLIENTS, max_weight=100.0)
     start = threading.Event()
     clients = [Client(first.address, "r", client_key, cid, m, w, start) for cid, m, w in zip(ids, models, weights)]
     for c in clients:
@@ -118,8 +119,9 @@ def test_sigkill_at_a_random_moment(trial, serve_process, keypair, client_key, t
     average = secagg.fetch_average(second.address, "r", client_key)
     assert average.contributions == CLIENTS and average.clients == tuple(ids)
     expected = helpers.weighted_average(models, weights)
-    assert np.max(np.abs(average.vector - _flat(expected))) < 1e-6
-    assert abs(average.total_weight - sum(weights)) < 1e-6 * sum(weights)
+    tol = helpers.release_tolerance(status, models, weights)
+    assert np.max(np.abs(average.vector - _flat(expected))) <= tol
+    assert abs(average.total_weight - sum(weights)) <= tol * sum(weights)
 
 
 # -- dropouts ---------------------------------------------------------------------------------------
@@ -129,19 +131,21 @@ ENROLLED = ("site-0", "site-1", "site-2", "site-3", "site-4")
 SMALL = {"w": ((3000,), "float32"), "steps": ((), "int64")}
 
 
-def _presealed(client_key, helpers, round_id: str, models, weights):
+def _presealed(client_key, helpers, round_id: str, models, max_weight: float, weights):
     """Updates sealed before the round exists, so that sending them takes milliseconds, well inside the
-    short deadline even on a busy machine (the bounds are the defaults the round will have)."""
-    like_status = types.SimpleNamespace(round_id=round_id, expected=len(ENROLLED), max_weight=DEFAULT_MAX_WEIGHT,
-                                        value_bound=DEFAULT_VALUE_BOUND)
-    return [helpers.sealed_update(client_key, like_status, cid, m, w)
-            for cid, m, w in zip(ENROLLED, models, weights)]
+    short deadline even on a busy machine. The round status they are bound to (tag) is the one the
+    round will have: 5 enrolled clients, quorum 4, the given max weight and the default value bound."""
+    spec = ModelSpec.of(models[0])
+    like_status = RoundStatus(round_id, "collecting", 0, len(ENROLLED), 4, (), None, spec.hash, client_key.key_id,
+                              max_weight, DEFAULT_VALUE_BOUND, spec.num_params, enrolled=ENROLLED)
+    return like_status, [helpers.sealed_update(client_key, like_status, cid, m, w)
+                         for cid, m, w in zip(ENROLLED, models, weights)]
 
 
 def test_fewer_than_quorum_fails_and_says_who_is_missing(serve_process, client_key, helpers, rng):
     server = serve_process()
     models = [helpers.random_tensors(rng, SMALL) for _ in ENROLLED]
-    sealed = _presealed(client_key, helpers, "short", models, [1.0] * 5)
+    _, sealed = _presealed(client_key, helpers, "short", models, DEFAULT_MAX_WEIGHT, [1.0] * 5)
     secagg.create_round(server.address, "short", models[0], clients=5, min_clients=4, deadline=2.0,
                         enroll=list(ENROLLED))
     with AggregatorClient(server.address) as c:
@@ -162,17 +166,18 @@ def test_above_quorum_closes_at_the_deadline_with_the_survivors(serve_process, c
     server = serve_process()
     models = [helpers.random_tensors(rng, SMALL) for _ in ENROLLED]
     weights = [5.0, 1.0, 30.0, 2.0, 9.0]
-    sealed = _presealed(client_key, helpers, "survivors", models, weights)
+    status, sealed = _presealed(client_key, helpers, "survivors", models, 30.0, weights)
     secagg.create_round(server.address, "survivors", models[0], clients=5, min_clients=4, deadline=2.0,
-                        enroll=list(ENROLLED))
+                        enroll=list(ENROLLED), max_weight=30.0)
     with AggregatorClient(server.address) as c:
         for header, chunks in sealed[:4]:  # site-4 drops out
             c.submit(header, chunks)
     average = secagg.fetch_average(server.address, "survivors", client_key, wait=60)
     assert average.contributions == 4 and average.clients == ENROLLED[:4]
     expected = helpers.weighted_average(models[:4], weights[:4])
-    assert np.max(np.abs(average.vector - expected["w"])) < 1e-6
-    assert abs(average.total_weight - sum(weights[:4])) < 1e-6 * sum(weights[:4])
+    tol = helpers.release_tolerance(status, models[:4], weights[:4])  # max weight 30: exact to 1e-6
+    assert np.max(np.abs(average.vector - expected["w"])) <= tol
+    assert abs(average.total_weight - sum(weights[:4])) <= tol * sum(weights[:4])
     status = secagg.round_status(server.address, "survivors")
     assert (status.state, status.submitted) == ("closed", 4)
 
@@ -202,13 +207,13 @@ def test_submit_and_fetch_started_before_the_aggregator(serve_process, server_ke
     state = tmp_path / "state"
     # The round exists in the aggregator's state directory, but no aggregator runs yet.
     Aggregator(server_key, state, min_cohort=1).create_round(
-        RoundConfig("early", ModelSpec.of(tensors[0]), 1, 1, None))
+        RoundConfig("early", ModelSpec.of(tensors[0]), 1, 1, None, max_weight=3.0))
     address = f"127.0.0.1:{_free_port()}"
     key = str(keypair.client)
     submit = cli_popen("submit", "--server", address, "--round", "early", "--key", key, "--client-id", "site-0",
                        "--model", str(paths[0]), "--weight", "3")
     fetch = cli_popen("fetch", "--server", address, "--round", "early", "--key", key, "--template", str(paths[0]),
-                      "--out", str(tmp_path / "global.npz"), "--wait", "120")
+                      "--out", str(tmp_path / "global.npz"), "--wait", "120", "--min-cohort", "1")
     try:
         # Both commands are running and have found nothing listening (they have nothing to print yet).
         threading.Event().wait(4.0)
@@ -220,8 +225,11 @@ def test_submit_and_fetch_started_before_the_aggregator(serve_process, server_ke
     receipt = json.loads(submitted.stdout)
     assert (receipt["submitted"], receipt["already_accepted"]) == (1, False)
     assert fetched.returncode == 0, fetched.stderr
+    # The site's weight is the round's max weight: exact to 1e-6 within the release grid.
+    tol = helpers.release_tolerance(types.SimpleNamespace(expected=1, max_weight=3.0, value_bound=DEFAULT_VALUE_BOUND),
+                                    tensors, [3.0])
     helpers.assert_close_to_average(secagg.read_model(tmp_path / "global.npz"),
-                                    helpers.weighted_average(tensors, [3.0]), atol=1e-6, template=tensors[0])
+                                    helpers.weighted_average(tensors, [3.0]), atol=tol, template=tensors[0])
 
 
 def test_errors_that_cannot_heal_are_not_retried(monkeypatch, mtls_server, server, keypair, pki, npz_models):

@@ -31,11 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import secagg
 from secagg import cli as secagg_cli
 from secagg import config, healthcheck
+from secagg.contribution import CHECK_LABEL, TAG_LABEL
 from secagg.errors import DuplicateSubmissionError, KeyFileError, RoundNotFoundError, RoundStateError, SecAggError
 from secagg.keys import _read_key_file
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.client import AggregatorClient
+from secagg.updates import SealedUpdate
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 AGGREGATOR = "secagg.v1.Aggregator"
@@ -200,7 +202,7 @@ def test_metrics_after_rounds(ops_server, keypair, client_key, npz_models, helpe
             raw.submit(dataclasses.replace(header, round_id="nope"), chunks)
         first, again = raw.submit(header, chunks), raw.submit(header, chunks)
     assert (first.already_accepted, again.already_accepted, again.submitted) == (False, True, 3)
-    third_bytes = sum(map(len, (b for c in chunks for b in c.ciphertexts)))
+    third_bytes = SealedUpdate(header, chunks).wire_bytes
     secagg.fetch_average(address, "r1", keypair.client)
 
     secagg.create_round(address, "r2", template=paths[0], clients=3)  # stays open
@@ -335,7 +337,8 @@ def test_json_logs_of_a_round_hold_no_secrets(serve_subprocess, keypair, client_
     models = [helpers.random_tensors(rng) for _ in range(3)]
     for m in models:
         m["dense/bias"][:8] = DISTINCTIVE
-    status = secagg.create_round(srv.address, "r1", template=models[0], clients=3)
+    # Max weight 1 (every site's weight): the average is exact well within atol (helpers.release_bound).
+    status = secagg.create_round(srv.address, "r1", template=models[0], clients=3, max_weight=1.0)
     sealed = [helpers.sealed_update(client_key, status, f"site-{i}", m) for i, m in enumerate(models)]
     with AggregatorClient(srv.address) as raw:
         raw.submit(*sealed[0])
@@ -363,12 +366,17 @@ def test_json_logs_of_a_round_hold_no_secrets(serve_subprocess, keypair, client_
     assert "client" not in refused["EnvelopeError"]  # a malformed id is not a log field
     assert any(r["message"] == "round closed" and r["round"] == "r1" for r in records)
 
-    secrets_ = {"secret key": _read_key_file(Path(keypair.client))[1]["secret_key"]}
+    secrets_ = {"secret key": _read_key_file(Path(keypair.client))[1]["secret_key"],
+                "contribution-tag key": client_key.derive(TAG_LABEL),
+                "integrity-check key": client_key.derive(CHECK_LABEL)}
     for i, (header, chunks) in enumerate(sealed):
         secrets_[f"site-{i} update digest"] = header.digest
+        secrets_[f"site-{i} tag"] = header.contribution.tag
+        secrets_[f"site-{i} seeds digest"] = header.contribution.seeds_digest
         for c in chunks:
-            secrets_[f"site-{i} chunk {c.index} sha256"] = c.sha256
-            secrets_ |= {f"site-{i} chunk {c.index} ciphertext {j}": b for j, b in enumerate(c.ciphertexts)}
+            secrets_[f"site-{i} chunk {c.index} digest"] = c.digest
+            secrets_ |= {f"site-{i} chunk {c.index} c0 {j}": b for j, b in enumerate(c.c0s)}
+            secrets_ |= {f"site-{i} chunk {c.index} seed {j}": b for j, b in enumerate(c.seeds)}
     assert len(decoded_runs(text)) >= 2  # the key id is logged: the scan does see hex
     assert not leaks(text, secrets_), leaks(text, secrets_)
     for form in (f"{DISTINCTIVE}", f"{np.float32(DISTINCTIVE)}", "87.654", "87.65"):

@@ -42,7 +42,13 @@ from secagg.errors import SecAggError
 from secagg.merge.layers import Bidirectional, Dense, Recurrent, describe
 from secagg.merge.protocol import Exchange, SiteProtocol
 
-STATS_BOUND = 1e4  # |value| bound for statistics exchanges (normalized data gives entries of order 1-100)
+#: |value| bound of second-moment statistics (Gram matrices, moments, readout sums). Normalized data gives
+#: entries of order 1-10. The bound sets the precision of the released statistics (secagg.release: the
+#: grid is a fixed fraction of bound x clients / weights), so it is no larger than it must be; a site
+#: whose statistics exceed it flags them and the candidate is dropped (or, for linear, refused with advice).
+STATS_BOUND = 1e2
+#: |value| bound of Fisher-weighted exchanges: the Fisher is normalized by its mean but spiky.
+FISHER_BOUND = 1e4
 SCORE_BOUND = 1e3  # validation MSE above this (in normalized units) counts as diverged
 RIDGE = 1e-3
 _OK = 0.999  # a pooled flag at or above this: every site could send (CKKS keeps it within 1e-6 of 1)
@@ -233,7 +239,7 @@ def fisher(site: Site, net=None, name: str = "fisher", eps: float = 1e-8) -> Sit
         f = info[k] / scale
         stats[f"ft.{k}"] = f * np.asarray(theta[k], dtype=np.float64)
         stats[f"f.{k}"] = f
-    pooled = yield Exchange(name, stats, site.n, value_bound=STATS_BOUND)
+    pooled = yield Exchange(name, stats, site.n, value_bound=FISHER_BOUND)
     merged = dict(theta)
     merged.update({k: pooled[f"ft.{k}"] / (pooled[f"f.{k}"] + eps) for k in floats})
     if any(np.any(pooled[f"f.{k}"] <= eps) for k in floats):

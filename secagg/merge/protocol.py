@@ -71,8 +71,9 @@ SiteProtocol = Generator[Exchange, dict[str, np.ndarray], Any]
 def check_contribution(step: str, client_id: str, tensors: Tensors, value_bound: float) -> None:
     """Refuse a contribution the step's round cannot carry, in the merge's terms (no round options to change).
 
-    The rounds of a merge have fixed bounds (model weights 100, statistics 1e4), so the round-level
-    advice (``--value-bound``) would point to an option ``simulate``/``merge`` do not have.
+    The rounds of a merge have fixed bounds (model weights 100, statistics of normalized data 100,
+    Fisher-weighted sums 1e4), so the round-level advice (``--value-bound``) would point to an option
+    ``simulate``/``merge`` do not have.
     """
     for name, arr in tensors.items():
         arr = np.asarray(arr)
@@ -85,8 +86,8 @@ def check_contribution(step: str, client_id: str, tensors: Tensors, value_bound:
         if peak > value_bound:
             raise SecAggError(
                 f"merge step {step!r}: {client_id}'s {name!r} reaches {peak:.4g}, beyond this step's bound "
-                f"{value_bound:g} (model weights up to 100, statistics up to 1e4 in normalized units); normalize the "
-                "sites' data (secagg scaler) or keep weights smaller (regularization), then merge again")
+                f"{value_bound:g} (model weights up to 100, statistics of normalized data up to 100); normalize the sites' "
+                "data (secagg scaler) or keep weights smaller (regularization), then merge again")
 
 
 def single_threaded_blas():
@@ -166,7 +167,8 @@ class Federation:
             check_contribution(name, client_id, tensors, value_bound)
             wire += submit(self.server.address, round_id, self.key, client_id, tensors, weight,
                            dp_reference=reference if dp is not None else None).wire_bytes
-        average = fetch_average(self.server.address, round_id, self.key, wait=30)
+        # One process plays every site here, so the sites' own minimum cohort protects nobody from anybody.
+        average = fetch_average(self.server.address, round_id, self.key, wait=30, min_cohort=1)
         results = [unflatten(average.spec, average.vector, tensors) for _, tensors, _ in contributions]
         self.steps.append(StepRecord(name, round_id, len(contributions), average.spec.num_params, wire,
                                      time.perf_counter() - t0))

@@ -39,30 +39,35 @@ def run_site(
     *,
     tls: ClientTLS | None = None,
     progress: Callable[[str, str], None] | None = None,
+    policy=None,
+    min_cohort: int = 3,
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``.
 
     ``tls``: this site's TLS settings (None: the ``SECAGG_TLS_*`` variables, if set). ``progress(step,
-    detail)`` is told while this site waits for the others (step ``"wait"``).
+    detail)`` is told while this site waits for the others (step ``"wait"``). ``policy``: this site's
+    own DP rules (:class:`secagg.site_policy.SitePolicy`), applied to every step's round.
+    ``min_cohort``: this site's own minimum number of contributions to any average it accepts.
     """
     protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
     return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls=tls,
-                        progress=progress)
+                        progress=progress, policy=policy, min_cohort=min_cohort)
 
 
 def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
                  wait: float = 3600.0, max_weight: float = 1e5, *, tls: ClientTLS | None = None,
-                 progress: Callable[[str, str], None] | None = None):
+                 progress: Callable[[str, str], None] | None = None, policy=None, min_cohort: int = 3):
     """Drive any site protocol generator against ``server``; returns its result."""
     with single_threaded_blas():
-        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress)
+        return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress, policy,
+                      min_cohort)
 
 
 #: While waiting for the other sites, say how many submitted this often (seconds).
 WAIT_REPORT_SECONDS = 15.0
 
 
-def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress):
+def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress, policy, min_cohort):
     step = 0
     try:
         exchange = next(protocol)
@@ -71,21 +76,21 @@ def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight
             template = exchange.tensors
             check_contribution(exchange.name, client_id, template, exchange.value_bound)
             _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight, wait, tls)
-            submit(server, sub_round, key, client_id, template, exchange.weight, tls=tls)
-            average = _await_average(server, sub_round, key, wait, tls, progress)
+            submit(server, sub_round, key, client_id, template, exchange.weight, policy=policy, tls=tls)
+            average = _await_average(server, sub_round, key, wait, tls, progress, min_cohort)
             exchange = protocol.send(unflatten(average.spec, average.vector, template))
             step += 1
     except StopIteration as stop:
         return stop.value
 
 
-def _await_average(server, round_id, key, wait, tls, progress):
+def _await_average(server, round_id, key, wait, tls, progress, min_cohort):
     """The round's decrypted average once every site submitted, reporting who is still missing meanwhile."""
     end = time.monotonic() + wait
     while True:
         slice_ = min(WAIT_REPORT_SECONDS, max(0.0, end - time.monotonic())) if progress else max(0.0, end - time.monotonic())
         try:
-            return fetch_average(server, round_id, key, wait=slice_, tls=tls)
+            return fetch_average(server, round_id, key, wait=slice_, min_cohort=min_cohort, tls=tls)
         except RoundStateError as exc:
             if "still collecting" not in str(exc) or time.monotonic() >= end:
                 if "still collecting" in str(exc):

@@ -12,7 +12,7 @@ from secagg.errors import SecAggError
 from secagg.rounds import RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
-from secagg.transport.server import chunk_from_pb, chunk_to_pb
+from secagg.transport.server import chunk_from_pb, chunk_to_pb, record_to_pb
 from secagg.transport.status import error_from_rpc
 from secagg.transport.tls import ClientTLS, handshake_hint
 
@@ -23,7 +23,7 @@ def status_from_pb(s: pb.RoundStatus) -> RoundStatus:
         s.spec_hash, s.key_id, s.max_weight, s.value_bound, s.num_params, s.reason,
         dp=json.loads(s.dp_json) if s.dp_json else None, enrolled=tuple(s.enrolled), epsilon_round=s.epsilon_round,
         epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or None, delta=s.delta or None,
-        min_cohort=s.min_cohort,
+        min_cohort=s.min_cohort, release_grid=s.release_grid, release_precision=s.release_precision,
     )
 
 
@@ -102,7 +102,7 @@ class AggregatorClient:
             yield pb.SubmitMessage(header=pb.UpdateHeader(
                 format_version=header.format_version, round_id=header.round_id, client_id=header.client_id,
                 key_id=header.key_id, spec_hash=header.spec_hash, num_ciphertexts=header.num_ciphertexts,
-                num_chunks=header.num_chunks, digest=header.digest,
+                num_chunks=header.num_chunks, digest=header.digest, contribution=record_to_pb(header.contribution),
             ))
             for c in chunks:
                 yield pb.SubmitMessage(chunk=chunk_to_pb(c))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0csecagg.proto\x12\tsecagg.v1\"\x13\n\x11ServerInfoRequest\"\x81\x01\n\nServerInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1b\n\x13poly_modulus_degree\x18\x02 \x01(\r\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x03 \x03(\r\x12\x12\n\nscale_bits\x18\x04 \x01(\r\x12\x16\n\x0e\x66ormat_version\x18\x05 \x01(\r\"\xd4\x01\n\x12\x43reateRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_clients\x18\x03 \x01(\r\x12\x13\n\x0bmin_clients\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x07 \x01(\x01\x12\x0f\n\x07\x64p_json\x18\x08 \x01(\t\x12\x10\n\x08\x65nrolled\x18\t \x03(\t\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xa5\x03\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12\x13\n\x0bmin_clients\x18\x05 \x01(\r\x12\x0f\n\x07\x63lients\x18\x06 \x03(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x11\n\tspec_hash\x18\x08 \x01(\t\x12\x0e\n\x06key_id\x18\t \x01(\t\x12\x12\n\nmax_weight\x18\n \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x0b \x01(\x01\x12\x12\n\nnum_params\x18\x0c \x01(\x04\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x0e \x01(\t\x12\x0f\n\x07\x64p_json\x18\x0f \x01(\t\x12\x10\n\x08\x65nrolled\x18\x10 \x03(\t\x12\x15\n\repsilon_round\x18\x11 \x01(\x01\x12\x15\n\repsilon_spent\x18\x12 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x13 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x14 \x01(\x01\x12\x12\n\nmin_cohort\x18\x15 \x01(\r\"\xab\x01\n\x0cUpdateHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tspec_hash\x18\x05 \x01(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\";\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x63iphertexts\x18\x02 \x03(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"e\n\rSubmitMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.secagg.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"_\n\x0bSubmitReply\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x18\n\x10\x61lready_accepted\x18\x04 \x01(\x08\"6\n\x0c\x46\x65tchRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xab\x01\n\x0f\x41ggregateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x01(\r\x12\x0f\n\x07\x63lients\x18\x05 \x03(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\"k\n\x10\x41ggregateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.secagg.v1.AggregateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"6\n\x12\x43\x61ncelRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11ListRoundsRequest\"z\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"4\n\tRoundList\x12\'\n\x06rounds\x18\x01 \x03(\x0b\x32\x17.secagg.v1.RoundSummary2\xe8\x03\n\nAggregator\x12\x44\n\rGetServerInfo\x12\x1c.secagg.v1.ServerInfoRequest\x1a\x15.secagg.v1.ServerInfo\x12\x44\n\x0b\x43reateRound\x12\x1d.secagg.v1.CreateRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12>\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12<\n\x06Submit\x12\x18.secagg.v1.SubmitMessage\x1a\x16.secagg.v1.SubmitReply(\x01\x12H\n\x0e\x46\x65tchAggregate\x12\x17.secagg.v1.FetchRequest\x1a\x1b.secagg.v1.AggregateMessage0\x01\x12\x44\n\x0b\x43\x61ncelRound\x12\x1d.secagg.v1.CancelRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12@\n\nListRounds\x12\x1c.secagg.v1.ListRoundsRequest\x1a\x14.secagg.v1.RoundListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0csecagg.proto\x12\tsecagg.v1\"\x13\n\x11ServerInfoRequest\"\x81\x01\n\nServerInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1b\n\x13poly_modulus_degree\x18\x02 \x01(\r\x12\x1a\n\x12\x63oeff_modulus_bits\x18\x03 \x03(\r\x12\x12\n\nscale_bits\x18\x04 \x01(\r\x12\x16\n\x0e\x66ormat_version\x18\x05 \x01(\r\"\xd4\x01\n\x12\x43reateRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_clients\x18\x03 \x01(\r\x12\x13\n\x0bmin_clients\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x12\n\nmax_weight\x18\x06 \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x07 \x01(\x01\x12\x0f\n\x07\x64p_json\x18\x08 \x01(\t\x12\x10\n\x08\x65nrolled\x18\t \x03(\t\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"\xd6\x03\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12\x13\n\x0bmin_clients\x18\x05 \x01(\r\x12\x0f\n\x07\x63lients\x18\x06 \x03(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x11\n\tspec_hash\x18\x08 \x01(\t\x12\x0e\n\x06key_id\x18\t \x01(\t\x12\x12\n\nmax_weight\x18\n \x01(\x01\x12\x13\n\x0bvalue_bound\x18\x0b \x01(\x01\x12\x12\n\nnum_params\x18\x0c \x01(\x04\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x17\n\x0fmodel_spec_json\x18\x0e \x01(\t\x12\x0f\n\x07\x64p_json\x18\x0f \x01(\t\x12\x10\n\x08\x65nrolled\x18\x10 \x03(\t\x12\x15\n\repsilon_round\x18\x11 \x01(\x01\x12\x15\n\repsilon_spent\x18\x12 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x13 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x14 \x01(\x01\x12\x12\n\nmin_cohort\x18\x15 \x01(\r\x12\x14\n\x0crelease_grid\x18\x16 \x01(\x01\x12\x19\n\x11release_precision\x18\x17 \x01(\x01\"\x82\x01\n\x12\x43ontributionRecord\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x14\n\x0cseeds_digest\x18\x03 \x01(\x0c\x12\x0b\n\x03tag\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xe0\x01\n\x0cUpdateHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tspec_hash\x18\x05 \x01(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\x12\x33\n\x0c\x63ontribution\x18\t \x01(\x0b\x32\x1d.secagg.v1.ContributionRecord\"A\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02\x63\x30\x18\x02 \x03(\x0c\x12\r\n\x05seeds\x18\x03 \x03(\x0c\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\"e\n\rSubmitMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.secagg.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"_\n\x0bSubmitReply\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x18\n\x10\x61lready_accepted\x18\x04 \x01(\x08\"6\n\x0c\x46\x65tchRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\xdb\x01\n\x0f\x41ggregateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x01(\r\x12\x0f\n\x07\x63lients\x18\x05 \x03(\t\x12\x17\n\x0fnum_ciphertexts\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x0e\n\x06\x64igest\x18\x08 \x01(\x0c\x12.\n\x07records\x18\t \x03(\x0b\x32\x1d.secagg.v1.ContributionRecord\"k\n\x10\x41ggregateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.secagg.v1.AggregateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.secagg.v1.ChunkH\x00\x42\x06\n\x04kind\"6\n\x12\x43\x61ncelRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11ListRoundsRequest\"z\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x11\n\tsubmitted\x18\x03 \x01(\r\x12\x10\n\x08\x65xpected\x18\x04 \x01(\r\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"4\n\tRoundList\x12\'\n\x06rounds\x18\x01 \x03(\x0b\x32\x17.secagg.v1.RoundSummary2\xe8\x03\n\nAggregator\x12\x44\n\rGetServerInfo\x12\x1c.secagg.v1.ServerInfoRequest\x1a\x15.secagg.v1.ServerInfo\x12\x44\n\x0b\x43reateRound\x12\x1d.secagg.v1.CreateRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12>\n\x08GetRound\x12\x1a.secagg.v1.GetRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12<\n\x06Submit\x12\x18.secagg.v1.SubmitMessage\x1a\x16.secagg.v1.SubmitReply(\x01\x12H\n\x0e\x46\x65tchAggregate\x12\x17.secagg.v1.FetchRequest\x1a\x1b.secagg.v1.AggregateMessage0\x01\x12\x44\n\x0b\x43\x61ncelRound\x12\x1d.secagg.v1.CancelRoundRequest\x1a\x16.secagg.v1.RoundStatus\x12@\n\nListRounds\x12\x1c.secagg.v1.ListRoundsRequest\x1a\x14.secagg.v1.RoundListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUNDREQUEST']._serialized_start=395
   _globals['_GETROUNDREQUEST']._serialized_end=430
   _globals['_ROUNDSTATUS']._serialized_start=433
-  _globals['_ROUNDSTATUS']._serialized_end=854
-  _globals['_UPDATEHEADER']._serialized_start=857
-  _globals['_UPDATEHEADER']._serialized_end=1028
-  _globals['_CHUNK']._serialized_start=1030
-  _globals['_CHUNK']._serialized_end=1089
-  _globals['_SUBMITMESSAGE']._serialized_start=1091
-  _globals['_SUBMITMESSAGE']._serialized_end=1192
-  _globals['_SUBMITREPLY']._serialized_start=1194
-  _globals['_SUBMITREPLY']._serialized_end=1289
-  _globals['_FETCHREQUEST']._serialized_start=1291
-  _globals['_FETCHREQUEST']._serialized_end=1345
-  _globals['_AGGREGATEHEADER']._serialized_start=1348
-  _globals['_AGGREGATEHEADER']._serialized_end=1519
-  _globals['_AGGREGATEMESSAGE']._serialized_start=1521
-  _globals['_AGGREGATEMESSAGE']._serialized_end=1628
-  _globals['_CANCELROUNDREQUEST']._serialized_start=1630
-  _globals['_CANCELROUNDREQUEST']._serialized_end=1684
-  _globals['_LISTROUNDSREQUEST']._serialized_start=1686
-  _globals['_LISTROUNDSREQUEST']._serialized_end=1705
-  _globals['_ROUNDSUMMARY']._serialized_start=1707
-  _globals['_ROUNDSUMMARY']._serialized_end=1829
-  _globals['_ROUNDLIST']._serialized_start=1831
-  _globals['_ROUNDLIST']._serialized_end=1883
-  _globals['_AGGREGATOR']._serialized_start=1886
-  _globals['_AGGREGATOR']._serialized_end=2374
+  _globals['_ROUNDSTATUS']._serialized_end=903
+  _globals['_CONTRIBUTIONRECORD']._serialized_start=906
+  _globals['_CONTRIBUTIONRECORD']._serialized_end=1036
+  _globals['_UPDATEHEADER']._serialized_start=1039
+  _globals['_UPDATEHEADER']._serialized_end=1263
+  _globals['_CHUNK']._serialized_start=1265
+  _globals['_CHUNK']._serialized_end=1330
+  _globals['_SUBMITMESSAGE']._serialized_start=1332
+  _globals['_SUBMITMESSAGE']._serialized_end=1433
+  _globals['_SUBMITREPLY']._serialized_start=1435
+  _globals['_SUBMITREPLY']._serialized_end=1530
+  _globals['_FETCHREQUEST']._serialized_start=1532
+  _globals['_FETCHREQUEST']._serialized_end=1586
+  _globals['_AGGREGATEHEADER']._serialized_start=1589
+  _globals['_AGGREGATEHEADER']._serialized_end=1808
+  _globals['_AGGREGATEMESSAGE']._serialized_start=1810
+  _globals['_AGGREGATEMESSAGE']._serialized_end=1917
+  _globals['_CANCELROUNDREQUEST']._serialized_start=1919
+  _globals['_CANCELROUNDREQUEST']._serialized_end=1973
+  _globals['_LISTROUNDSREQUEST']._serialized_start=1975
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1994
+  _globals['_ROUNDSUMMARY']._serialized_start=1996
+  _globals['_ROUNDSUMMARY']._serialized_end=2118
+  _globals['_ROUNDLIST']._serialized_start=2120
+  _globals['_ROUNDLIST']._serialized_end=2172
+  _globals['_AGGREGATOR']._serialized_start=2175
+  _globals['_AGGREGATOR']._serialized_end=2663
 # @@protoc_insertion_point(module_scope)

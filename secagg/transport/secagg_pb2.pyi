@@ -53,7 +53,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "state", "submitted", "expected", "min_clients", "clients", "deadline_unix", "spec_hash", "key_id", "max_weight", "value_bound", "num_params", "reason", "model_spec_json", "dp_json", "enrolled", "epsilon_round", "epsilon_spent", "epsilon_budget", "delta", "min_cohort")
+    __slots__ = ("round_id", "state", "submitted", "expected", "min_clients", "clients", "deadline_unix", "spec_hash", "key_id", "max_weight", "value_bound", "num_params", "reason", "model_spec_json", "dp_json", "enrolled", "epsilon_round", "epsilon_spent", "epsilon_budget", "delta", "min_cohort", "release_grid", "release_precision")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class RoundStatus(_message.Message):
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     MIN_COHORT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_GRID_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PRECISION_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     state: str
     submitted: int
@@ -96,10 +98,28 @@ class RoundStatus(_message.Message):
     epsilon_budget: float
     delta: float
     min_cohort: int
-    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., deadline_unix: _Optional[float] = ..., spec_hash: _Optional[str] = ..., key_id: _Optional[str] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., num_params: _Optional[int] = ..., reason: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ..., epsilon_round: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., min_cohort: _Optional[int] = ...) -> None: ...
+    release_grid: float
+    release_precision: float
+    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., deadline_unix: _Optional[float] = ..., spec_hash: _Optional[str] = ..., key_id: _Optional[str] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., num_params: _Optional[int] = ..., reason: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ..., epsilon_round: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., min_cohort: _Optional[int] = ..., release_grid: _Optional[float] = ..., release_precision: _Optional[float] = ...) -> None: ...
+
+class ContributionRecord(_message.Message):
+    __slots__ = ("client_id", "digest", "seeds_digest", "tag", "certificate", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    digest: bytes
+    seeds_digest: bytes
+    tag: bytes
+    certificate: bytes
+    signature: bytes
+    def __init__(self, client_id: _Optional[str] = ..., digest: _Optional[bytes] = ..., seeds_digest: _Optional[bytes] = ..., tag: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("format_version", "round_id", "client_id", "key_id", "spec_hash", "num_ciphertexts", "num_chunks", "digest")
+    __slots__ = ("format_version", "round_id", "client_id", "key_id", "spec_hash", "num_ciphertexts", "num_chunks", "digest", "contribution")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +128,7 @@ class UpdateHeader(_message.Message):
     NUM_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     round_id: str
     client_id: str
@@ -116,17 +137,20 @@ class UpdateHeader(_message.Message):
     num_ciphertexts: int
     num_chunks: int
     digest: bytes
-    def __init__(self, format_version: _Optional[int] = ..., round_id: _Optional[str] = ..., client_id: _Optional[str] = ..., key_id: _Optional[str] = ..., spec_hash: _Optional[str] = ..., num_ciphertexts: _Optional[int] = ..., num_chunks: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    contribution: ContributionRecord
+    def __init__(self, format_version: _Optional[int] = ..., round_id: _Optional[str] = ..., client_id: _Optional[str] = ..., key_id: _Optional[str] = ..., spec_hash: _Optional[str] = ..., num_ciphertexts: _Optional[int] = ..., num_chunks: _Optional[int] = ..., digest: _Optional[bytes] = ..., contribution: _Optional[_Union[ContributionRecord, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("index", "ciphertexts", "sha256")
+    __slots__ = ("index", "c0", "seeds", "digest")
     INDEX_FIELD_NUMBER: _ClassVar[int]
-    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    C0_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     index: int
-    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
-    sha256: bytes
-    def __init__(self, index: _Optional[int] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    c0: _containers.RepeatedScalarFieldContainer[bytes]
+    seeds: _containers.RepeatedScalarFieldContainer[bytes]
+    digest: bytes
+    def __init__(self, index: _Optional[int] = ..., c0: _Optional[_Iterable[bytes]] = ..., seeds: _Optional[_Iterable[bytes]] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class SubmitMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -157,7 +181,7 @@ class FetchRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class AggregateHeader(_message.Message):
-    __slots__ = ("round_id", "key_id", "spec_hash", "contributions", "clients", "num_ciphertexts", "num_chunks", "digest")
+    __slots__ = ("round_id", "key_id", "spec_hash", "contributions", "clients", "num_ciphertexts", "num_chunks", "digest", "records")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +190,7 @@ class AggregateHeader(_message.Message):
     NUM_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     key_id: str
     spec_hash: str
@@ -174,7 +199,8 @@ class AggregateHeader(_message.Message):
     num_ciphertexts: int
     num_chunks: int
     digest: bytes
-    def __init__(self, round_id: _Optional[str] = ..., key_id: _Optional[str] = ..., spec_hash: _Optional[str] = ..., contributions: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., num_ciphertexts: _Optional[int] = ..., num_chunks: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    records: _containers.RepeatedCompositeFieldContainer[ContributionRecord]
+    def __init__(self, round_id: _Optional[str] = ..., key_id: _Optional[str] = ..., spec_hash: _Optional[str] = ..., contributions: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., num_ciphertexts: _Optional[int] = ..., num_chunks: _Optional[int] = ..., digest: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[ContributionRecord, _Mapping]]] = ...) -> None: ...
 
 class AggregateMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -21,7 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from secagg import keys
-from secagg.envelope import MAX_MESSAGE_BYTES, Chunk, Header, check_id
+from secagg.contribution import Contribution
+from secagg.envelope import FORMAT_VERSION, MAX_MESSAGE_BYTES, Chunk, Header, check_id
 from secagg.errors import EnvelopeError, PrivacyError, SecAggError, TransportError
 from secagg.metrics import Metrics, MetricsEndpoint
 from secagg.packing import ModelSpec
@@ -45,7 +46,8 @@ def status_to_pb(s: RoundStatus, spec: ModelSpec) -> pb.RoundStatus:
         max_weight=s.max_weight, value_bound=s.value_bound, num_params=s.num_params, reason=s.reason,
         model_spec_json=spec.to_json(), dp_json=json.dumps(s.dp) if s.dp else "", enrolled=list(s.enrolled),
         epsilon_round=s.epsilon_round, epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or 0.0,
-        delta=s.delta or 0.0, min_cohort=s.min_cohort,
+        delta=s.delta or 0.0, min_cohort=s.min_cohort, release_grid=s.release_grid,
+        release_precision=s.release_precision,
     )
 
 
@@ -59,16 +61,25 @@ def _dp_from_json(text: str) -> DPConfig | None:
         return None
     try:
         return DPConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise PrivacyError(f"the round's DP settings are not valid JSON of a DPConfig ({exc}); use the secagg client") from None
 
 
 def chunk_to_pb(c: Chunk) -> pb.Chunk:
-    return pb.Chunk(index=c.index, ciphertexts=list(c.ciphertexts), sha256=c.sha256)
+    return pb.Chunk(index=c.index, c0=list(c.c0s), seeds=list(c.seeds), digest=c.digest)
 
 
 def chunk_from_pb(c: pb.Chunk) -> Chunk:
-    return Chunk(c.index, tuple(c.ciphertexts), c.sha256)
+    return Chunk(c.index, tuple(c.c0), tuple(c.seeds), c.digest)
+
+
+def record_to_pb(r: Contribution) -> pb.ContributionRecord:
+    return pb.ContributionRecord(client_id=r.client_id, digest=r.digest, seeds_digest=r.seeds_digest, tag=r.tag,
+                                 certificate=r.certificate, signature=r.signature)
+
+
+def record_from_pb(r: pb.ContributionRecord) -> Contribution:
+    return Contribution(r.client_id, r.digest, r.seeds_digest, r.tag, r.certificate, r.signature)
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -86,7 +97,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             abort(context, exc)
         return pb.ServerInfo(
             key_id=self.core.key.key_id, poly_modulus_degree=keys.POLY_MODULUS_DEGREE,
-            coeff_modulus_bits=list(keys.COEFF_MODULUS_BITS), scale_bits=keys.SCALE_BITS, format_version=1,
+            coeff_modulus_bits=list(keys.COEFF_MODULUS_BITS), scale_bits=keys.SCALE_BITS, format_version=FORMAT_VERSION,
         )
 
     def CreateRound(self, request, context):
@@ -107,7 +118,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def GetRound(self, request, context):
         try:
             self.auth.caller(context)
-            return status_to_pb(self.core.status(request.round_id), self.core.round_config(request.round_id).spec)
+            return status_to_pb(self.core.status(request.round_id), self.core.round_spec(request.round_id))
         except SecAggError as exc:
             abort(context, exc)
 
@@ -115,7 +126,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         try:
             who = self.auth.check_admin(context, "cancel rounds")
             status = self.core.cancel_round(request.round_id, request.reason, by=who.name if who else None)
-            return status_to_pb(status, self.core.round_config(request.round_id).spec)
+            return status_to_pb(status, self.core.round_spec(request.round_id))
         except SecAggError as exc:
             abort(context, exc)
 
@@ -136,7 +147,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 raise EnvelopeError("an update must start with its header; use the secagg client to submit")
             h = first.header
             header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks,
-                            h.digest, h.format_version)
+                            h.digest, record_from_pb(h.contribution) if h.HasField("contribution") else None,
+                            h.format_version)
             ids = _log_ids(header)
             # Before any chunk is read: an update claiming another client's id is refused unread.
             self.auth.check_submitter(context, header.client_id)
@@ -174,8 +186,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def FetchAggregate(self, request, context):
         try:
-            self.auth.caller(context)
-            agg = self.core.aggregate(request.round_id, wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT))
+            who = self.auth.caller(context)
+            agg = self.core.aggregate(request.round_id, wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT),
+                                      caller=who.name if who is not None and not who.is_admin else None)
         except SecAggError as exc:
             self.metrics.fetches_refused.labels(self.metrics.reason(exc)).inc()
             abort(context, exc)
@@ -184,6 +197,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         yield pb.AggregateMessage(header=pb.AggregateHeader(
             round_id=h.round_id, key_id=h.key_id, spec_hash=h.spec_hash, contributions=agg.contributions,
             clients=list(agg.clients), num_ciphertexts=h.num_ciphertexts, num_chunks=h.num_chunks, digest=h.digest,
+            records=[record_to_pb(r) for r in agg.records],
         ))
         for chunk in agg.chunks():
             yield pb.AggregateMessage(chunk=chunk_to_pb(chunk))

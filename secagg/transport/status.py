@@ -19,6 +19,7 @@ _TO_CODE: list[tuple[type[e.SecAggError], grpc.StatusCode]] = [
     (e.AuthError, grpc.StatusCode.PERMISSION_DENIED),
     (e.PrivacyBudgetError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.CohortError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.MaskingError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.RoundExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (e.DuplicateSubmissionError, grpc.StatusCode.ALREADY_EXISTS),
     (e.RoundStateError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -76,12 +76,42 @@ def test_linear_is_the_pooled_ridge_regression(mh, simulated, keras_sites):
     w = mh.pooled_ridge([s.x_train.reshape(len(s.x_train), -1) for s in keras_sites],
                         [s.y_train for s in keras_sites])
     assert result.tensors["kernel"].shape == (mh.WINDOW, 1) and result.tensors["bias"].shape == (1,)
-    assert float(np.max(np.abs(result.tensors["kernel"] - w[:-1]))) <= TOL
-    assert float(np.max(np.abs(result.tensors["bias"] - w[-1]))) <= TOL
+    got = np.concatenate([result.tensors["kernel"], result.tensors["bias"][None, :]])
+    # The pooled statistics are released on the grid of secagg.release (issue 10): every entry of the
+    # averaged X^T X / n and X^T y / n is within eps of the exact one, and the ridge solve moves the
+    # coefficients by at most ||A^-1|| (||d c|| + ||d G|| ||w||). This bound, not 1e-6, is what
+    # "exact within the release grid" means for a derived model; it is also asserted to be small.
+    eps = _stats_precision(keras_sites)
+    x = mh.with_ones(np.concatenate([s.x_train.reshape(len(s.x_train), -1) for s in keras_sites]).astype(np.float64))
+    gram = x.T @ x / len(x)
+    penalty = np.eye(len(gram)) * RIDGE_FACTOR * np.trace(gram[:-1, :-1]) / (len(gram) - 1)
+    penalty[-1, -1] = 0.0
+    d = len(gram)
+    bound = np.linalg.norm(np.linalg.inv(gram + penalty), 2) * (np.sqrt(d) * eps + d * eps * np.linalg.norm(w))
+    err = float(np.max(np.abs(got - w)))
+    assert err <= bound and bound < 1e-4, (err, bound)
     # Pooling matters: the ridge fit on one site alone is a different model.
     alone = mh.pooled_ridge([keras_sites[0].x_train.reshape(len(keras_sites[0].x_train), -1)],
                             [keras_sites[0].y_train])
-    assert float(np.max(np.abs(alone - w))) > 1e3 * TOL
+    assert float(np.max(np.abs(alone - w))) > 1e3 * bound
+
+
+RIDGE_FACTOR = 1e-3  # secagg.merge.methods.RIDGE, restated (as conftest's RIDGE)
+
+
+def _stats_precision(sites) -> float:
+    """Largest error of a released average in a statistics exchange of ``sites`` (secagg.release's grid).
+
+    The simulation sizes each round's max weight to the power of two above the largest weight (the
+    training counts) and statistics exchanges use value bound 100 (secagg.merge.methods.STATS_BOUND).
+    """
+    from secagg.release import grid
+
+    counts = [len(s.x_train) for s in sites]
+    max_weight = 2.0 ** np.ceil(np.log2(max(counts)))
+    headroom = 2.0**18 / (len(sites) * 1e2)
+    summed_weight = headroom * sum(counts) / max_weight
+    return grid(len(sites)) / summed_weight
 
 
 # -- readout ---------------------------------------------------------------------------------------

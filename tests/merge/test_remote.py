@@ -20,7 +20,10 @@ def test_three_site_processes_build_the_same_global_model(serve_process, cli_pop
     procs = [
         cli_popen("merge", "--server", server.address, "--round", "m1", "--key", str(keypair.client),
                   "--client-id", f"site{i}", "--model", str(s.model), "--data", str(s.data),
-                  "--method", "align+readout", "--clients", "3", "--wait", "120", "--out", str(tmp_path / f"g{i}.keras"))
+                  "--method", "align+readout", "--clients", "3", "--wait", "120", "--out", str(tmp_path / f"g{i}.keras"),
+                  # Training counts of a few hundred: a max weight close to them keeps the release grid
+                  # (secagg.release) as fine as the simulation's, which sizes it the same way.
+                  "--max-weight", "512")
         for i, s in enumerate(keras_sites)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -86,8 +89,9 @@ def test_shared_scaler_equals_pooled_statistics(tmp_path):
     results: dict[int, object] = {}
 
     def site(i: int) -> None:
+        # Row counts are the weights: a max weight close to them keeps the release grid fine enough for 1e-6.
         results[i] = run_protocol(server.address, "s1", key, f"site{i}", shared_scaler(values[i], log1p=True), 3,
-                                  wait=60)
+                                  wait=60, max_weight=512)
 
     try:
         threads = [threading.Thread(target=site, args=(i,)) for i in range(3)]

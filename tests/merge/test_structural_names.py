@@ -57,7 +57,9 @@ def test_existing_step_round_is_checked_by_structure(tmp_path):
 
     def site(i: int) -> None:
         try:
-            results[i] = run_protocol(server.address, "m1", key, f"site{i}", _one_exchange(sites[i], 1.0), 2, wait=60)
+            # Two sites: this test is about names, so the sites' own minimum cohort is lowered to 2.
+            results[i] = run_protocol(server.address, "m1", key, f"site{i}", _one_exchange(sites[i], 1.0), 2, wait=60,
+                                      min_cohort=2)
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -76,7 +78,7 @@ def test_existing_step_round_is_checked_by_structure(tmp_path):
                             max_weight=1e5)
         wider = dict(sites[1], **{"lstm_1/bias": np.zeros(16, np.float32)})
         with pytest.raises(SecAggError) as info:
-            run_protocol(server.address, "m2", key, "site1", _one_exchange(wider, 1.0), 2, wait=5)
+            run_protocol(server.address, "m2", key, "site1", _one_exchange(wider, 1.0), 2, wait=5, min_cohort=2)
         message = str(info.value)
         assert ("round 'm2.0.mean' exists but does not match this step: its exchange differs at tensor 2 of 3: the "
                 "round has 'lstm/bias' (8,) float32, this site has 'lstm_1/bias' (16,) float32") in message

@@ -1,7 +1,8 @@
 """Audit 1: the aggregator cannot decrypt.
 
-Its key file holds no secret key, the key it loads cannot decrypt a real submission, it refuses
-the client's key, and the running ``secagg serve`` process never has the secret key in memory.
+Its key file holds no secret key (format 2: no SEAL blob at all, only the key id and the public
+parameters), the key it loads cannot decrypt a real submission, it refuses the client's key, and
+the running ``secagg serve`` process never has the secret key in memory, nor SEAL itself.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import pytest
 import tenseal.sealapi as seal
 
 import secagg
-from secagg import ciphertexts, store
+from secagg import ciphertexts, slots, store
 from secagg.errors import AggregateCheckError, KeyFileError
-from secagg.keys import ClientKey, ServerKey
+from secagg.keys import ClientKey, ServerKey, _save_to_bytes, _SealParameters
 from secagg.rounds import Aggregator
 from secagg.transport.client import AggregatorClient
+from secagg.updates import checks
 
-from .conftest import search_process_memory, windows
+from .conftest import N, add_mod_q, search_process_memory, windows
+
+PUBLIC_PARAMETERS = ("poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "data_prime")
 
 
 def _key_file(path: Path) -> tuple[dict, dict[str, bytes], int]:
@@ -54,6 +58,15 @@ def _secret_keys_reachable(obj, depth: int = 3) -> list[seal.SecretKey]:
     return [k for v in vars(obj).values() for k in _secret_keys_reachable(v, depth - 1)]
 
 
+def _seal_objects_reachable(obj, depth: int = 3) -> list:
+    """Any SEAL object (context, key, encoder...) reachable from ``obj`` through attributes."""
+    if type(obj).__module__ == "_sealapi_cpp":
+        return [obj]
+    if depth == 0 or not hasattr(obj, "__dict__"):
+        return []
+    return [o for v in vars(obj).values() for o in _seal_objects_reachable(v, depth - 1)]
+
+
 def _all_windows(data: bytes, size: int) -> set[bytes]:
     return {data[i : i + size] for i in range(len(data) - size + 1)}
 
@@ -62,11 +75,15 @@ def test_server_key_file_holds_no_secret_key(keypair, client_key):
     server_bytes, client_bytes = keypair.server.read_bytes(), keypair.client.read_bytes()
     server_header, server_blobs, server_end = _key_file(keypair.server)
     client_header, client_blobs, _ = _key_file(keypair.client)
-    assert server_header["kind"] == "server" and list(server_blobs) == ["params"]
+    # Format 2: no blob at all; the public parameters are in the JSON header.
+    assert server_header["kind"] == "server" and server_header["format"] == 2 and server_blobs == {}
     assert server_end == len(server_bytes), "server.key has bytes beyond the blobs its header lists"
-    # What the two files legitimately share: the encryption parameters and the key id.
-    assert server_blobs["params"] == client_blobs["params"]
+    # What the two files legitimately share: the key id and the public parameters, which the client's
+    # SEAL parameter blob encodes too.
     assert server_header["key_id"] == client_header["key_id"]
+    assert {k: server_header[k] for k in PUBLIC_PARAMETERS} == {k: client_header[k] for k in PUBLIC_PARAMETERS}
+    seal_params = _SealParameters(client_blobs["params"])
+    assert seal_params.context.first_context_data().parms().coeff_modulus()[0].value() == server_header["data_prime"]
 
     serialized = client_blobs["secret_key"]  # the secret key exactly as client.key stores it
     in_memory = _coefficients(client_key.secret_key)
@@ -80,11 +97,11 @@ def test_server_key_file_holds_no_secret_key(keypair, client_key):
     assert not any(serialized[i : i + 32] in server_windows for i in range(len(serialized) - 31))
     assert not any(in_memory[i : i + 32] in server_windows for i in range(len(in_memory) - 31))
 
-    # Loaded, it is a ServerKey with no secret key anywhere in it (the same search finds the client's).
+    # Loaded, it is a ServerKey holding no SEAL object at all (the same search finds the client's).
     key = secagg.load_server_key(keypair.server)
     assert type(key) is ServerKey and not hasattr(key, "secret_key")
-    assert _secret_keys_reachable(key) == []
-    assert len(_secret_keys_reachable(client_key)) == 1
+    assert _secret_keys_reachable(key) == [] and _seal_objects_reachable(key) == []
+    assert len(_secret_keys_reachable(client_key)) == 1 and _seal_objects_reachable(client_key)
 
 
 def test_server_key_cannot_decrypt_a_submitted_update(server, keypair, client_key, tmp_path, helpers, rng):
@@ -92,32 +109,40 @@ def test_server_key_cannot_decrypt_a_submitted_update(server, keypair, client_ke
     secagg.create_round(server.address, "blind", template=models[0], clients=3)
     for i, model in enumerate(models):
         secagg.submit(server.address, "blind", keypair.client, f"site-{i}", model, weight=10.0)
-    # The aggregator's own copy of a submission, from its state dir (the round is still collecting).
-    stored = list(store.iter_blobs(tmp_path / "server-state" / "rounds" / "blind" / "accepted" / "site-0"))
-    length = server.core.round_config("blind").spec.num_params + ciphertexts.EXTRA_SLOTS
-    # Positive control: with client.key it decrypts to a real update, count slot 1.
-    assert abs(ciphertexts.decrypt(client_key, stored, length)[-1] - 1.0) < 1e-6
+    # The aggregator's own copy of a submission, from its state dir (the round is still collecting):
+    # per ciphertext the first polynomial and the seed of the second, nothing else.
+    (stored,) = store.iter_blobs(tmp_path / "server-state" / "rounds" / "blind" / "accepted" / "site-0")
+    c0, seed = stored[: N * 8], stored[N * 8 :]
+    assert len(seed) == 64
+    num_params = server.core.round_config("blind").spec.num_params
+    # Positive control: with client.key it decrypts to a real update, count slot 1, checks holding.
+    reals = ciphertexts.decrypt(client_key, [c0], [[seed]])
+    assert abs(reals[slots.COUNT_SLOT] - 1.0) < 1e-6
+    slots.decode_aggregate(reals, num_params, 1, checks(client_key, "blind"))
 
     key = secagg.load_server_key(keypair.server)
-    with pytest.raises(AttributeError, match="'ServerKey' object has no attribute 'secret_key'"):
-        ciphertexts.decrypt(key, stored, length)
-    # In SEAL itself: the only secret key one can make without key material is empty, and refused.
+    with pytest.raises(AttributeError, match="'ServerKey' object has no attribute 'context'"):
+        ciphertexts.decrypt(key, [c0], [[seed]])
+    # In SEAL itself, on the public parameters: the only secret key one can make without key material
+    # is empty, and refused.
+    public = _SealParameters()
     with pytest.raises(ValueError, match="secret key is not valid for encryption parameters"):
-        seal.Decryptor(key.context, seal.SecretKey())
-    # A secret key the aggregator generates from server.key's parameters decrypts to garbage (SEAL
-    # does not bind ciphertexts to keys, so it raises nothing) and the integrity check refuses it.
-    own = ClientKey(key.key_id, key.params, seal.KeyGenerator(key.context).secret_key())
-    garbage = ciphertexts.decrypt(own, stored, length)
-    assert abs(garbage[-1] - 1.0) > 1e6
-    with pytest.raises(AggregateCheckError, match="counts .* contributions but the aggregator accepted 1"):
-        ciphertexts.decode_aggregate(garbage, 1, server.core.round_config("blind").bounds)
+        seal.Decryptor(public.context, seal.SecretKey())
+    # A secret key the aggregator generates from the public parameters decrypts to garbage (SEAL does
+    # not bind ciphertexts to keys, so it raises nothing) and the count check refuses it.
+    own_secret = seal.KeyGenerator(public.context).secret_key()
+    own = ClientKey(key.key_id, public, own_secret, _save_to_bytes(own_secret))
+    garbage = ciphertexts.decrypt(own, [c0], [[seed]])
+    assert np.median(np.abs(garbage)) > 1e6 and abs(garbage[slots.COUNT_SLOT] - 1.0) > 1.0
+    with pytest.raises(AggregateCheckError, match="counts .* contributions but the round lists 1"):
+        slots.decode_aggregate(garbage, num_params, 1, checks(own, "blind"))
 
 
 def test_aggregator_refuses_the_client_key(keypair, client_key, tmp_path, cli):
     state = tmp_path / "state"
     with pytest.raises(KeyFileError, match="never the client's secret key"):
         Aggregator(client_key, state)
-    sneaky = ServerKey(client_key.key_id, client_key.params)
+    sneaky = ServerKey(client_key.key_id, client_key.parameters)
     sneaky.secret_key = client_key.secret_key  # a server key with a secret attached
     with pytest.raises(KeyFileError, match="never the client's secret key"):
         Aggregator(sneaky, state)
@@ -149,14 +174,12 @@ def test_running_aggregator_never_holds_the_secret_key(aggregator_process, keypa
         for i in range(2):
             header, chunks = helpers.sealed_update(client_key, status, f"site-{i}", models[i], 5.0 + i)
             assert client.submit(header, chunks).submitted == i + 1
-            submitted.append(chunks[0].ciphertexts[0])
+            submitted.append(chunks[0].c0s[0])
     # Positive control, the same kind of data as the key: the aggregator's running sum of the two
-    # updates is live in its memory as raw RNS coefficients; rebuild it here to know its bytes.
-    running = ciphertexts.load_ciphertext(client_key, submitted[0])
-    seal.Evaluator(client_key.context).add_inplace(running, ciphertexts.load_ciphertext(client_key, submitted[1]))
-    poly = running.dyn_array()  # a view into `running`, which stays alive while it is read
-    running_sum = np.array([poly.at(i) for i in range(poly.size())], dtype="<u8").tobytes()
-    assert len(running_sum) == 2 * 8192 * 8
+    # updates' first polynomials is live in its memory as uint64 words mod q (NTT form), exactly
+    # like a secret key's coefficients; compute it here to know its bytes.
+    running_sum = add_mod_q(*submitted)
+    assert len(running_sum) == 8192 * 8
     controls = {"round id": round_id.encode()}
     controls |= {f"running encrypted sum @{i}": w for i, w in enumerate(windows(running_sum, 64, 4))}
 
@@ -167,6 +190,8 @@ def test_running_aggregator_never_holds_the_secret_key(aggregator_process, keypa
     assert set(controls) <= hits, f"the scan missed its positive controls: {sorted(set(controls) - hits)}"
     leaked = sorted(hits & set(secret))
     assert not leaked, "the secret key is in the aggregator's memory"
+    # The aggregator does not even load SEAL (format 2 adds with numpy); this test process does.
+    assert _seal_libraries(agg.pid) == [] and _seal_libraries("self") != []
 
     # After the round closes (sum written, individual updates dropped) and the sum is fetched.
     secagg.submit(agg.address, round_id, keypair.client, "site-2", models[2], weight=7.0)
@@ -176,3 +201,10 @@ def test_running_aggregator_never_holds_the_secret_key(aggregator_process, keypa
     assert "round id" in hits
     leaked = sorted(hits & set(secret))
     assert not leaked, "the secret key is in the aggregator's memory after the round"
+    assert _seal_libraries(agg.pid) == []
+
+
+def _seal_libraries(pid) -> list[str]:
+    """The TenSEAL/SEAL shared objects mapped into process ``pid``."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split()[-1] for line in f if "seal" in line.split()[-1].lower()})

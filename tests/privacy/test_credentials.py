@@ -110,3 +110,22 @@ def test_a_client_not_enrolled_cannot_submit(mtls_server, pki, keypair, client_k
         secagg.submit(mtls_server.address, "r1", keypair.client, f"site{i}", paths[i], tls=pki.client(f"site{i}"))
     avg = secagg.fetch_average(mtls_server.address, "r1", keypair.client, tls=pki.client("site0"))
     assert avg.clients == ("site0", "site1", "site2")
+
+
+def test_a_client_not_enrolled_cannot_fetch(mtls_server, pki, keypair, npz_models, tmp_path):
+    """The OLD aggregator served any round's sum to any valid certificate. Enrollment now applies to
+    fetching as well: site3 holds a valid certificate of the federation but is not enrolled."""
+    paths, tensors = npz_models(3)
+    secagg.create_round(mtls_server.address, "r1", template=paths[0], clients=3, enroll=["site0", "site1", "site2"],
+                        tls=pki.client("admin"))
+    for i in range(3):
+        secagg.submit(mtls_server.address, "r1", keypair.client, f"site{i}", paths[i], tls=pki.client(f"site{i}"))
+    out = tmp_path / "site3.npz"
+    with pytest.raises(AuthError, match="client 'site3' is not enrolled in round 'r1', so it may not fetch its sum"):
+        secagg.fetch(mtls_server.address, "r1", keypair.client, paths[0], out, tls=pki.client("site3"))
+    assert not out.exists()
+    # Straight to the aggregator: refused before a byte of the sum is streamed.
+    with AggregatorClient(mtls_server.address, tls=pki.client("site3")) as c, pytest.raises(AuthError):
+        c.fetch("r1", 0.0)
+    # The enrolled sites fetch it.
+    assert secagg.fetch_average(mtls_server.address, "r1", keypair.client, tls=pki.client("site2")).contributions == 3

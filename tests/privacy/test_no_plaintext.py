@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 import secagg
-from secagg import ciphertexts, store
-from secagg.ciphertexts import Bounds
+from secagg import slots, store
 from secagg.packing import ModelSpec, flatten
+from secagg.updates import checks
 
 from .conftest import RecordingRelay, found, windows
 
@@ -64,23 +64,27 @@ def _text(kind: str, values: list[float]) -> dict[str, bytes]:
     return out
 
 
-def _needles(models: list[dict[str, np.ndarray]], status) -> tuple[dict[str, bytes], list[np.ndarray]]:
+def _needles(models: list[dict[str, np.ndarray]], status, key) -> tuple[dict[str, bytes], list[np.ndarray]]:
     """Every encoding searched for, and each client's encoded vector (what it encrypts)."""
     exact = list(VALUES.values())
     as_float32 = [float(np.float32(v)) for v in exact]  # the kernel's values, widened by flatten
     needles = _binary("value", exact) | _binary("float32 value", as_float32) | _text("value", exact)
     spec = ModelSpec.of(models[0])
-    bounds = Bounds(status.expected, status.max_weight, status.value_bound)
+    bounds = slots.Bounds(status.expected, status.max_weight, status.value_bound)
     encoded = []
     for i, (model, weight) in enumerate(zip(models, WEIGHTS)):
         theta = flatten(spec, model)
-        e = ciphertexts.encode_update(theta, weight, bounds)  # [w*theta, w, 1], as secagg.submit encrypts it
+        # [w*theta, w, 0..., count 1, 16 check slots], as secagg.submit encrypts it
+        e = slots.encode_update(theta, weight, bounds, checks(key, status.round_id))
         encoded.append(e)
         in_kernel = [int(np.flatnonzero(theta == v)[0]) for v in as_float32]
         in_odd = [int(np.flatnonzero(theta == v)[0]) for v in exact]
         needles |= _binary(f"site-{i} weighted kernel value", [float(e[j]) for j in in_kernel])
         needles |= _binary(f"site-{i} weighted float64 value", [float(e[j]) for j in in_odd], pairs=False)
         needles |= _text(f"site-{i} weighted value", [float(e[j]) for j in in_odd])
+        # The check slots: secret linear combinations of the data, in plaintext they would leak it.
+        check = [float(e[slots.COUNT_SLOT + 1 + k]) for k in range(len(VALUES))]
+        needles |= _binary(f"site-{i} check slot", check, pairs=False) | _text(f"site-{i} check slot", check)
     return needles, encoded
 
 
@@ -108,7 +112,7 @@ def test_no_plaintext_weights_reach_the_aggregator(aggregator_process, keypair, 
     try:
         status = secagg.create_round(relay.address, ROUND, template=paths[0], clients=3, max_weight=MAX_WEIGHT,
                                      value_bound=VALUE_BOUND)
-        needles, encoded = _needles(models, status)
+        needles, encoded = _needles(models, status, secagg.load_client_key(keypair.client))
 
         # Positive controls: the search finds the raw values in the model files submitted, and every
         # needle in a plaintext stream that went through a recording relay like the one in front of

@@ -1,40 +1,27 @@
 """Audit 3: encryption is randomized.
 
-Two encryptions of the same model under the same key share nothing but the parameter header; both
-decrypt to the model. Through a real aggregator, two sites submitting the same model send
-different bytes.
+Two encryptions of the same model under the same key share nothing: a ciphertext travels as its
+first polynomial c0 (8,192 words) and the 64-byte seed of its second polynomial c1, with no header,
+and neither c0, nor the seed, nor the c1 it expands to repeats. Both decrypt to the model. Through
+a real aggregator, two sites submitting the same model send different bytes.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import tenseal.sealapi as seal
 
 import secagg
-from secagg import ciphertexts
-from secagg.ciphertexts import Bounds
+from secagg import ciphertexts, slots
+from secagg.updates import checks
 
-from .conftest import RecordingRelay, windows
+from .conftest import N, RecordingRelay, second_polynomial, windows
 
-N = 8192  # coefficients per polynomial
-SEED_BYTES = 64  # a seeded ciphertext ends with the 64-byte seed of its second polynomial
-
-
-def _polynomials(key, blob: bytes) -> tuple[bytes, bytes]:
-    """(c0, c1) of a ciphertext as raw uint64 coefficients; c1 is what the seed expands to."""
-    ct = ciphertexts.load_ciphertext(key, blob)
-    poly = ct.dyn_array()  # a view into ct: ct must stay alive while it is read
-    raw = np.array([poly.at(i) for i in range(poly.size())], dtype="<u8").tobytes()
-    assert len(raw) == 2 * N * 8
-    return raw[: N * 8], raw[N * 8 :]
+SEED_BYTES = 64
 
 
-def _layout(key, blob: bytes) -> int:
-    """Length of the blob's header: where the first polynomial's coefficients start, verbatim."""
-    c0, _ = _polynomials(key, blob)
-    start = blob.find(c0[:64])
-    assert 0 < start < 256 and blob[start : start + len(c0)] == c0, "unexpected ciphertext layout"
-    return start
+def _c1(key, seed: bytes) -> bytes:
+    """The second polynomial a seed expands to, as uint64 words."""
+    return np.array(second_polynomial(key, [seed]), dtype="<u8").tobytes()
 
 
 def _common_windows(a: bytes, b: bytes, size: int = 32) -> list[int]:
@@ -44,48 +31,44 @@ def _common_windows(a: bytes, b: bytes, size: int = 32) -> list[int]:
 
 
 def test_two_encryptions_of_the_same_vector_differ(client_key, rng):
-    bounds = Bounds(expected_clients=3, max_weight=100.0, value_bound=10.0)
-    vector = ciphertexts.encode_update(rng.standard_normal(12_000), 40.0, bounds)  # two ciphertexts
+    bounds = slots.Bounds(expected_clients=3, max_weight=100.0, value_bound=10.0)
+    vector = slots.encode_update(rng.standard_normal(12_000), 40.0, bounds, checks(client_key, "r1"))  # two ciphertexts
     first, second = ciphertexts.encrypt(client_key, vector), ciphertexts.encrypt(client_key, vector)
     other = ciphertexts.encrypt(client_key, np.zeros_like(vector))  # a different vector
     assert len(first) == len(second) == 2
 
-    for a, b, c in zip(first, second, other):
-        assert a != b, "two encryptions of the same vector are byte-identical"
-        assert len(a) == len(b)
-        header = _layout(client_key, a)
-        # What is legitimately shared is the header (SEAL's serialization header and the parameter
-        # id); it is the same for any vector, so it says nothing about the data.
-        assert a[:header] == b[:header] == c[:header]
-        # Beyond it, not one 32-byte window of one ciphertext occurs anywhere in the other: they are
-        # not shifted or partial copies of each other.
-        shared = _common_windows(a, b)
-        assert all(i + 32 <= header for i in shared), f"windows shared beyond the header at {[i for i in shared if i + 32 > header][:5]}"
-        assert a[-SEED_BYTES:] != b[-SEED_BYTES:], "both ciphertexts carry the same seed"
-        # The polynomials themselves: c0 (sent verbatim) and c1 (expanded from the seed) share nothing.
-        (a0, a1), (b0, b1) = _polynomials(client_key, a), _polynomials(client_key, b)
-        assert _common_windows(a0, b0) == [] and _common_windows(a1, b1) == []
-    # Nor does a ciphertext repeat across positions of the same update.
-    assert all(i + 32 <= _layout(client_key, first[0]) for i in _common_windows(first[0], second[1]))
+    for (a0, a_seed), (b0, b_seed), (z0, _) in zip(first, second, other):
+        # Nothing but the polynomial and the seed travels: no header that could be shared or carry data.
+        assert (len(a0), len(a_seed)) == (len(b0), len(b_seed)) == (N * 8, SEED_BYTES)
+        assert a0 != b0, "two encryptions of the same vector are byte-identical"
+        assert a_seed != b_seed, "both ciphertexts carry the same seed"
+        # Not one 32-byte window of one c0 occurs anywhere in the other (not shifted or partial copies),
+        # nor in the encryption of another vector.
+        assert _common_windows(a0, b0) == [] and _common_windows(a0, z0) == []
+        # The second polynomials, expanded from the seeds, share nothing either.
+        assert _common_windows(_c1(client_key, a_seed), _c1(client_key, b_seed)) == []
+    # Nor does a polynomial repeat across positions of the same update.
+    assert _common_windows(first[0][0], first[1][0]) == [] and first[0][1] != first[1][1]
 
     # Both decrypt to the vector, within CKKS precision.
-    for blobs in (first, second):
-        assert np.max(np.abs(ciphertexts.decrypt(client_key, blobs, vector.size) - vector)) < 1e-6
+    for cts in (first, second):
+        got = ciphertexts.decrypt(client_key, [c0 for c0, _ in cts], [[seed] for _, seed in cts])
+        assert np.max(np.abs(got - vector)) < 1e-6
 
 
 def test_two_sites_submitting_the_same_model_send_different_bytes(server, keypair, client_key, helpers, rng,
                                                                   monkeypatch):
     model, other = helpers.random_tensors(rng), helpers.random_tensors(rng)
-    encrypted: list[list[bytes]] = []  # what each submit encrypted, recorded on its way through
+    encrypted: list[list[tuple[bytes, bytes]]] = []  # what each submit encrypted, recorded on its way through
 
     def recording_encrypt(*args, **kwargs):
-        blobs = real_encrypt(*args, **kwargs)
-        encrypted.append(blobs)
-        return blobs
+        cts = real_encrypt(*args, **kwargs)
+        encrypted.append(cts)
+        return cts
 
     real_encrypt = ciphertexts.encrypt
     monkeypatch.setattr(ciphertexts, "encrypt", recording_encrypt)
-    secagg.create_round(server.address, "same", template=model, clients=3)
+    secagg.create_round(server.address, "same", template=model, clients=3, max_weight=4.0)
     wire = []
     for site in ("site-a", "site-b"):
         # One relay per site: gRPC shares connections between channels to the same address.
@@ -95,14 +78,14 @@ def test_two_sites_submitting_the_same_model_send_different_bytes(server, keypai
     secagg.submit(server.address, "same", client_key, "site-c", other, weight=4.0)
     average = secagg.fetch_average(server.address, "same", client_key)
 
-    (a,), (b,), _ = encrypted  # one ciphertext per update at this model size
-    assert a != b, "two sites encrypted the same model to the same bytes"
-    header = _layout(client_key, a)
-    # 64-byte windows of each site's ciphertext body: found in its own connection's bytes (the relay
-    # saw the ciphertext; HTTP/2 framing may split a few windows), never in the other site's.
-    body_a, body_b = windows(a, 64, 200, header), windows(b, 64, 200, header)
+    ((a, a_seed),), ((b, b_seed),), _ = encrypted  # one ciphertext per update at this model size
+    assert a != b and a_seed != b_seed, "two sites encrypted the same model to the same bytes"
+    # 64-byte windows of each site's polynomial: found in its own connection's bytes (the relay saw the
+    # ciphertext; HTTP/2 framing may split a few windows), never in the other site's.
+    body_a, body_b = windows(a, 64, 200), windows(b, 64, 200)
     assert sum(w in wire[0] for w in body_a) >= 180 and sum(w in wire[1] for w in body_b) >= 180
     assert not any(w in wire[1] for w in body_a) and not any(w in wire[0] for w in body_b)
+    assert a_seed in wire[0] and a_seed not in wire[1] and b_seed in wire[1] and b_seed not in wire[0]
     # Both carried the same model: the average of (model, model, other) comes back.
     expected = helpers.weighted_average([model, model, other], [4.0, 4.0, 4.0])
     names = ["dense/kernel", "dense/bias", "odd", "out/kernel"]

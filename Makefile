@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-dp bench-new-site install demo test test-fast bench bench-merge proto image image-rootfs clean
+.PHONY: bench-dp bench-new-site bench-masking install demo test test-fast bench bench-merge proto image image-rootfs clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-dp: install
 
 bench-new-site: install
 	$(PY) benchmarks/new_site.py
+
+bench-masking: install
+	$(PY) benchmarks/masking.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=secagg/transport --grpc_python_out=secagg/transport \

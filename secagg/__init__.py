@@ -23,13 +23,14 @@ from secagg.api import (
 )
 from secagg.errors import SecAggError
 from secagg.keys import KeyPaths, keygen, load_client_key, load_server_key
+from secagg.masking.settings import MaskSettings
 from secagg.models import read_model, write_model
 from secagg.rounds import RoundStatus, RoundSummary
 from secagg.scaler import Scaler
 from secagg.transport.tls import ClientTLS, ServerTLS
 
 __all__ = [
-    "Average", "ClientTLS", "KeyPaths", "Receipt", "RoundStatus", "RoundSummary", "Scaler", "SecAggError",
+    "Average", "ClientTLS", "KeyPaths", "MaskSettings", "Receipt", "RoundStatus", "RoundSummary", "Scaler", "SecAggError",
     "ServerTLS", "cancel_round", "create_round", "fetch", "fetch_average", "keygen", "list_rounds",
     "load_client_key", "load_server_key", "read_model", "round_status", "serve", "submit", "write_model",
 ]

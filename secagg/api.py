@@ -31,7 +31,8 @@ from secagg.metrics import Metrics
 from secagg.models import read_model, write_model
 from secagg.packing import ModelSpec, check_matches, flatten, unflatten
 from secagg.privacy.mechanism import DPConfig, privatize
-from secagg.updates import Average, open_aggregate, open_chunks, seal_update
+from secagg.masking.settings import MaskSettings
+from secagg.updates import Average, encrypt_update, open_aggregate, open_chunks, seal_ciphertexts
 from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.client import AggregatorClient
@@ -62,6 +63,8 @@ class Receipt:
     #: The precision of the round's released average if every site used this weight (secagg.release):
     #: the round's release_precision * max_weight / weight. Far above 1e-6 means --max-weight wastes range.
     precision: float = 0.0
+    masked: bool = False  # the round was masked (secagg.masking): the update left with its pairwise masks
+    mask_seconds: float = 0.0  # time spent adding the masks (not waiting for the other sites)
 
 
 def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str | os.PathLike,
@@ -100,6 +103,7 @@ def create_round(
     dp: DPConfig | None = None,
     enroll: tuple[str, ...] | list[str] = (),
     *,
+    masking: MaskSettings | None = None,
     tls: ClientTLS | None = None,
 ) -> RoundStatus:
     """Create a round for the template's architecture. Only names, shapes, dtypes and layer types are sent.
@@ -109,7 +113,9 @@ def create_round(
 
     ``dp``: client-level differential privacy for the round; every submission is clipped and noised
     with it, and the aggregator charges the round to the federation's privacy budget. ``enroll``:
-    the clients allowed to submit (empty: any).
+    the clients allowed to submit (empty: any). ``masking``: pairwise masking under the encryption
+    (:mod:`secagg.masking`): no coalition of the aggregator with fewer than the threshold of sites can
+    read a site's update; needs mutual TLS, and no ``deadline`` (each stage is timed instead).
     """
     # The aggregator checks the limits; negative numbers cannot even travel in the request's unsigned fields.
     for option, value in (("--clients", clients), ("--min-clients", min_clients or 0)):
@@ -127,6 +133,7 @@ def create_round(
         round_id=round_id, model_spec_json=spec.to_json(), expected_clients=clients, min_clients=min_clients or 0,
         deadline_seconds=deadline or 0.0, max_weight=max_weight or 0.0, value_bound=value_bound or 0.0,
         dp_json=json.dumps(dp.to_dict()) if dp else "", enrolled=list(enroll),
+        masking_json=json.dumps(masking.to_dict()) if masking is not None else "",
     )
     with AggregatorClient(server, tls=tls) as client:
         return client.create_round(request)[0]
@@ -175,6 +182,7 @@ def submit(
     rng: np.random.Generator | None = None,
     *,
     policy: SitePolicy | None = None,
+    min_cohort: int = DEFAULT_MIN_COHORT,
     tls: ClientTLS | None = None,
 ) -> Receipt:
     """Encrypt ``model`` (times ``weight``) under the federation key and submit it to the round.
@@ -191,8 +199,13 @@ def submit(
     is encrypted, whatever the aggregator says. The update carries a tag (and, with a client
     certificate, a signature) binding it to this round, client and the round's settings
     (:mod:`secagg.contribution`).
+
+    In a masked round (:mod:`secagg.masking`) it runs every stage itself and returns once it has
+    revealed the shares that unmask the sum: it needs this site's certificate (``tls``), and it
+    reveals shares only for sums of at least ``min_cohort`` sites.
     """
     ckey = _client_key(key)
+    tls = tls if tls is not None else ClientTLS.from_env()
     envelope.check_id("client", client_id)
     tensors = _tensors(model)
     with AggregatorClient(server, tls=tls) as client:
@@ -210,16 +223,33 @@ def submit(
             # Clamping to the round's value bound after the noise is post-processing: it costs no
             # privacy and keeps a large noise draw from overflowing the encrypted sum.
             theta = np.clip(privatize(theta, dp, reference, rng), -status.value_bound, status.value_bound)
+        site = None
+        if status.masking:
+            from secagg.masking import flow
+
+            site = flow.start(status, client_id, ckey.parameters.data_prime, tls, min_cohort)
         t0 = time.perf_counter()
-        update = seal_update(ckey, status, client_id, theta, float(weight), tls, progress)
+        cts = encrypt_update(ckey, status, theta, float(weight), progress)
+        mask_seconds = 0.0
+        if site is not None:
+            calls = flow.StageCalls(lambda stage, payload, wait: _with_retries(
+                lambda: client.mask_stage(round_id, client_id, stage, payload, wait), retry_for), site.settings, progress)
+            flow.exchange_keys(site, calls)
+            tm = time.perf_counter()
+            cts = [(site.mask(i, c0), seed) for i, (c0, seed) in enumerate(cts)]
+            mask_seconds = time.perf_counter() - tm
+        update = seal_ciphertexts(ckey, status, client_id, cts, tls)
         t1 = time.perf_counter()
         header, chunks = update.header, update.chunks
         if policy is not None:
             policy.record(status, ckey.key_id, local_dp=local_dp, update=plain)  # spent once the update leaves
         reply = _with_retries(lambda: client.submit(header, _report(chunks, progress, "send")), retry_for)
         t2 = time.perf_counter()
+        if site is not None:
+            flow.unmask(site, calls)
     return Receipt(round_id, client_id, reply.submitted, reply.already_accepted, spec.num_params, update.wire_bytes,
-                   t1 - t0, t2 - t1, dp, status.release_precision * status.max_weight / float(weight))
+                   t1 - t0, t2 - t1, dp, status.release_precision * status.max_weight / float(weight),
+                   site is not None, mask_seconds)
 
 
 def _submission_dp(status: RoundStatus, local_dp: DPConfig | None, weight: float) -> DPConfig | None:

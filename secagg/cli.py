@@ -171,6 +171,17 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--value-bound", type=float, metavar="B",
                     help="largest |parameter| a client may submit (default 100); keeps the encrypted sum from overflowing")
     rc.add_argument("--enroll", metavar="A,B,...", help="comma-separated client ids allowed to submit (default: any)")
+    mk = rc.add_argument_group(
+        "masking", "Pairwise masking under the encryption: no coalition of the aggregator with fewer than the threshold "
+                   "of sites can read one site's update, and sites may drop out. Needs mutual TLS and a certificate "
+                   "per site; each 'secagg submit' stays online through the round's four stages.")
+    mk.add_argument("--masking", action="store_true", help="mask the round (see docs/privacy-audit.md, who learns what)")
+    mk.add_argument("--mask-threshold", type=int, default=0, metavar="T",
+                    help="shares needed to unmask a site (default and minimum: a majority of its neighbours and itself)")
+    mk.add_argument("--mask-degree", type=int, default=0, metavar="K",
+                    help="neighbours per site, even (default: every other site up to 9 sites, else ~2 log2 N, at least 8)")
+    mk.add_argument("--stage-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="how long each stage waits for missing sites before going on without them (default 300)")
     _dp_options(rc, "client-level differential privacy of the round (every site clips and noises its update)")
     rc.add_argument("--target-epsilon", type=float, metavar="EPS",
                     help="instead of --noise-multiplier: the smallest noise that gives this round epsilon <= EPS")
@@ -199,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--weight", type=float, default=1.0, metavar="W",
                     help="this site's weight, e.g. its number of training samples (default 1)")
     sm.add_argument("--quiet", action="store_true", help="no progress output")
+    sm.add_argument("--min-cohort", type=int, default=3, metavar="K",
+                    help="masked rounds: reveal unmasking shares only for sums of at least K sites (default 3)")
     sm.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
                     help="keep trying to reach the aggregator this long, at start and if it restarts (default 60)")
     sm.add_argument("--dp-reference", metavar="MODEL",
@@ -236,6 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--site", nargs=2, action="append", required=True, metavar=("MODEL", "DATA"),
                      help="a site's model file and its DATA.npz (x: samples, timesteps, features; y: targets)")
     sim.add_argument("--seed", type=int, default=0, help="seed for local training and initialization")
+    sim.add_argument("--masking", action="store_true",
+                     help="run every exchange as a masked round, each site in its own thread with its own certificate "
+                          "(needs 3 or more sites; in one process it shows the cost, it protects nobody)")
     sim.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     _torch_options(sim)
     _dp_options(sim, "client-level DP on every exchange of model weights (methods mean, align, init and "
@@ -270,6 +286,9 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, metavar="GLOBAL_MODEL", help="where to write the global model")
     mg.add_argument("--min-cohort", type=int, default=3, metavar="K",
                     help="this site's own minimum: refuse any average of fewer than K sites (default 3)")
+    mg.add_argument("--masking", action="store_true",
+                    help="mask every exchange's round (needs mutual TLS; every site passes it): no coalition of the "
+                         "aggregator with fewer than a majority of the sites reads this site's contributions")
     mg.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     _torch_options(mg)
     _site_policy_options(mg)
@@ -403,6 +422,18 @@ def _site_policy(args: argparse.Namespace) -> SitePolicy | None:
                               ledger=args.site_ledger)
 
 
+def _masking(args):
+    """The round's masking settings from ``round create``'s options; None for an unmasked round."""
+    if not args.masking:
+        if args.mask_threshold or args.mask_degree or args.stage_timeout != 300.0:
+            raise SecAggError("--mask-threshold, --mask-degree and --stage-timeout are settings of a masked round: add "
+                              "--masking")
+        return None
+    from secagg.masking.settings import MaskSettings
+
+    return MaskSettings(args.mask_threshold, args.mask_degree, args.stage_timeout)
+
+
 def _server_round(p: argparse.ArgumentParser, round_id: bool = True, required: bool = True) -> None:
     p.add_argument("--server", required=required, metavar="HOST:PORT", help="the aggregator's address")
     if round_id:
@@ -500,7 +531,7 @@ def _run(args: argparse.Namespace) -> int:
         enroll = [c.strip() for c in args.enroll.split(",") if c.strip()] if args.enroll else []
         status = secagg.create_round(args.server, args.round, args.template, args.clients, args.min_clients,
                                      args.deadline, args.max_weight, args.value_bound, dp=dp, enroll=enroll,
-                                     tls=_client_tls(args))
+                                     masking=_masking(args), tls=_client_tls(args))
         print(json.dumps(status.to_json_dict()))
     elif args.command == "round" and args.round_command == "cancel":
         s = secagg.cancel_round(args.server, args.round, args.reason, tls=_client_tls(args))
@@ -514,7 +545,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "submit":
         r = secagg.submit(args.server, args.round, args.key, args.client_id, args.model, args.weight,
                           progress=_Progress(args.quiet), retry_for=args.retry_for, dp_reference=args.dp_reference,
-                          local_dp=_dp_config(args, None, "local"), policy=_site_policy(args), tls=_client_tls(args))
+                          local_dp=_dp_config(args, None, "local"), policy=_site_policy(args), tls=_client_tls(args),
+                          min_cohort=args.min_cohort)
         if r.precision > 1e-6 and not args.quiet:
             print(f"secagg: note: with --weight {args.weight:g} this round releases averages precise to about "
                   f"{r.precision:.2g} (its --max-weight is far above the weights); create rounds with --max-weight "
@@ -522,7 +554,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"round": r.round_id, "client_id": r.client_id, "submitted": r.submitted,
                           "already_accepted": r.already_accepted, "num_params": r.num_params,
                           "wire_bytes": r.wire_bytes, "bytes_per_param": round(r.wire_bytes / r.num_params, 3),
-                          "dp": r.dp.to_dict() if r.dp else None}))
+                          "dp": r.dp.to_dict() if r.dp else None, "masked": r.masked,
+                          "mask_seconds": round(r.mask_seconds, 3)}))
     elif args.command == "simulate":
         from secagg.merge.simulate import simulate
 
@@ -536,7 +569,8 @@ def _run(args: argparse.Namespace) -> int:
         progress = _StepProgress(args.quiet)
         result = simulate(args.method, [tuple(s) for s in args.site], args.out, args.finetune_rounds,
                           args.finetune_epochs, args.seed, init_epochs=args.init_epochs, init_warmup=args.init_warmup,
-                          dp=dp, torch_module=args.torch_model, torch_kwargs=args.torch_kwargs, progress=progress)
+                          dp=dp, torch_module=args.torch_model, torch_kwargs=args.torch_kwargs, progress=progress,
+                          masking=args.masking)
         progress.done(f"wrote {result.out}")
         _print_scores(result.chosen, args.quiet)
         print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
@@ -559,7 +593,8 @@ def _run(args: argparse.Namespace) -> int:
         model, info = run_site(args.server, args.round, secagg.load_client_key(args.key), args.client_id, site,
                                args.method, args.clients, args.finetune_rounds,
                                args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup,
-                               tls=_client_tls(args), progress=progress, policy=policy, min_cohort=args.min_cohort)
+                               tls=_client_tls(args), progress=progress, policy=policy, min_cohort=args.min_cohort,
+                               masking=args.masking)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         progress.done(f"wrote {written}")
         _print_scores(info, args.quiet)

@@ -9,6 +9,8 @@ State directory layout, one folder per round::
     rounds/<round_id>/incoming/*.part     updates still streaming in (deleted on restart)
     rounds/<round_id>/accepted/<client>   accepted updates, the write-ahead log of the sum
     rounds/<round_id>/aggregate           the final encrypted sum with every contributor's seeds and record
+    rounds/<round_id>/masking.json        a masked round's settings while it collects (secagg.masking.stages)
+    rounds/<round_id>/masking.log         ... and the journal of its stage messages (appended, fsynced)
     rounds/<round_id>/QUARANTINE          why a damaged round was set aside (its files are kept)
 
 An update is accepted when its file is renamed into ``accepted/``; only then does the client get
@@ -51,6 +53,7 @@ from secagg.errors import (
     DuplicateSubmissionError,
     EnvelopeError,
     KeyFileError,
+    MaskingError,
     PrivacyError,
     RoundExistsError,
     RoundNotFoundError,
@@ -58,6 +61,10 @@ from secagg.errors import (
     SecAggError,
 )
 from secagg.keys import ServerKey
+from secagg.masked_rounds import MaskedRounds, read_journal
+from secagg.masking import stages as mask_stages
+from secagg.masking.settings import MaskSettings
+from secagg.masking.stages import MaskState
 from secagg.packing import ModelSpec
 from secagg.privacy.mechanism import DPConfig
 
@@ -107,6 +114,7 @@ class RoundConfig:
     dp: DPConfig | None = None
     enrolled: tuple[str, ...] = ()
     key_id: str = ""  # the federation key the round belongs to ("" in rounds of older versions)
+    masking: dict | None = None  # a masked round's MaskSettings as a dict (secagg.masking); None: unmasked
 
     @property
     def bounds(self) -> Bounds:
@@ -128,6 +136,7 @@ class RoundConfig:
             "dp": self.dp.to_dict() if self.dp else None,
             "enrolled": list(self.enrolled),
             "key_id": self.key_id,
+            "masking": self.masking,
         }
 
     @classmethod
@@ -136,14 +145,14 @@ class RoundConfig:
             d["round_id"], ModelSpec.from_json(d["spec"]), int(d["expected_clients"]), int(d["min_clients"]),
             d["deadline_unix"], float(d["max_weight"]), float(d["value_bound"]),
             DPConfig.from_dict(d["dp"]) if d.get("dp") else None, tuple(d.get("enrolled", ())),
-            str(d.get("key_id", "")),
+            str(d.get("key_id", "")), d.get("masking"),
         )
 
     def terms(self, key_id: str) -> Terms:
         """What every contribution of this round is bound to (:mod:`secagg.contribution`)."""
         return Terms(key_id, self.round_id, self.spec.hash, self.num_ciphertexts,
                      round_settings(self.expected_clients, self.min_clients, self.max_weight, self.value_bound,
-                                    self.dp.to_dict() if self.dp else None, self.enrolled))
+                                    self.dp.to_dict() if self.dp else None, self.enrolled, self.masking))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +181,8 @@ class RoundStatus:
     min_cohort: int = DEFAULT_MIN_COHORT
     release_grid: float = 0.0  # released sums are rounded to this (encoded units; secagg.release)
     release_precision: float = 0.0  # precision of a released average when every weight is max_weight
+    masking: dict | None = None  # a masked round's settings (secagg.masking); None: unmasked
+    stage: str = ""  # a collecting masked round's stage (secagg.masking.stages)
 
     def terms(self) -> Terms:
         """What every contribution of this round is bound to, as a client sees the round."""
@@ -179,7 +190,7 @@ class RoundStatus:
 
         return Terms(self.key_id, self.round_id, self.spec_hash, count(self.num_params),
                      round_settings(self.expected, self.min_clients, self.max_weight, self.value_bound, self.dp,
-                                    self.enrolled))
+                                    self.enrolled, self.masking))
 
     def to_json_dict(self) -> dict:
         """The fields ``secagg round status`` prints."""
@@ -282,6 +293,20 @@ class _Round:
         self.sum = C0Sum(key.parameters, config.num_ciphertexts) if state == COLLECTING else None
         self.clients_at_close: tuple[str, ...] = ()
         self.aggregate_digest = ""
+        self.mask: MaskState | None = None  # a masked round's stages while it collects
+
+    @property
+    def mask_path(self) -> Path:
+        return self.folder / "masking.json"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.folder / "masking.log"
+
+    def drop_mask_files(self) -> None:
+        # The shares revealed to unmask the sum are of no use once the individual updates are gone.
+        self.mask_path.unlink(missing_ok=True)
+        self.journal_path.unlink(missing_ok=True)
 
     @property
     def accepted_dir(self) -> Path:
@@ -292,7 +317,7 @@ class _Round:
         return self.folder / "incoming"
 
 
-class Aggregator:
+class Aggregator(MaskedRounds):
     """The aggregator's core: rounds, submissions and the running encrypted sums.
 
     It holds only a :class:`ServerKey`, which cannot decrypt. ``clock`` is injectable so tests of
@@ -359,6 +384,8 @@ class Aggregator:
             )
         config.bounds.check()
         self._check_enrolled(config)
+        if config.masking is not None:
+            self._check_masking(config)
         if config.dp is not None:
             config.dp.validate()
             if config.dp.mode == "distributed" and config.dp.min_honest > config.min_clients:
@@ -380,6 +407,10 @@ class Aggregator:
             (folder / "accepted").mkdir()
             (folder / "incoming").mkdir()
             rnd = _Round(self.key, folder, config, COLLECTING, "", created_unix=self.clock())
+            if config.masking is not None:
+                rnd.mask = MaskState(MaskSettings.from_dict(config.masking), config.expected_clients, config.min_clients,
+                                     stage_started=self.clock(), enrolled=list(config.enrolled))
+                store.write_json_atomic(rnd.mask_path, rnd.mask.to_dict())
             self._save_round(rnd)
             self._rounds[config.round_id] = rnd
         log.info("round created", extra={"round": config.round_id, "expected": config.expected_clients})
@@ -397,6 +428,15 @@ class Aggregator:
                 f"--enroll names {len(config.enrolled)} client(s) but --clients is {config.expected_clients}; "
                 "enroll at least as many clients as the round expects"
             )
+
+    def _check_masking(self, config: RoundConfig) -> None:
+        if self.ca_pem is None:
+            raise MaskingError("a masked round needs per-site identities: run the aggregator under mutual TLS "
+                               "(secagg serve --tls-ca ...) with a certificate for every site")
+        if config.deadline_unix is not None:
+            raise MaskingError("a masked round times each of its stages instead of one deadline: drop --deadline and "
+                               "use --stage-timeout")
+        MaskSettings.from_dict(config.masking).validate(config.expected_clients)
 
     def status(self, round_id: str) -> RoundStatus:
         """The round's public state; applies its deadline first."""
@@ -540,6 +580,13 @@ class Aggregator:
                 f"round {rnd.config.round_id!r} is {rnd.state} ({len(rnd.accepted) or len(rnd.clients_at_close)} of "
                 f"{rnd.config.expected_clients} submitted); it accepts no more updates: ask for a new round"
             )
+        if rnd.mask is not None:
+            if rnd.mask.stage != mask_stages.SUBMIT:
+                raise RoundStateError(f"masked round {rnd.config.round_id!r} is in its {rnd.mask.stage} stage; it takes "
+                                      "updates in its submit stage only (secagg submit runs every stage itself)")
+            if header.client_id not in rnd.mask.boxes:
+                raise MaskingError(f"client {header.client_id!r} did not share its mask keys in round "
+                                   f"{rnd.config.round_id!r}, so its update could never be unmasked; it joins the next round")
         return False
 
     def _accept(self, rnd: _Round, header: Header, writer: store.BlobWriter) -> SubmitResult:
@@ -558,7 +605,9 @@ class Aggregator:
                 raise
             rnd.accepted[header.client_id] = header.digest.hex()
             log.info("update accepted", extra={"round": rnd.config.round_id, "client": header.client_id})
-            if len(rnd.accepted) == rnd.config.expected_clients:
+            if rnd.mask is not None:
+                self._advance_mask(rnd)
+            elif len(rnd.accepted) == rnd.config.expected_clients:
                 self._close(rnd)
             rnd.changed.notify_all()
             return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), False)
@@ -662,10 +711,15 @@ class Aggregator:
             epsilon_budget=ledger.epsilon_budget, delta=ledger.delta, min_cohort=self.min_cohort,
             release_grid=grid(cfg.expected_clients),
             release_precision=grid(cfg.expected_clients) * cfg.value_bound / VALUE_LIMIT,
+            masking=cfg.masking, stage=rnd.mask.stage if rnd.mask is not None and rnd.state == COLLECTING else "",
         )
 
     def _apply_deadline(self, rnd: _Round) -> None:
         cfg = rnd.config
+        if rnd.mask is not None and rnd.state == COLLECTING:
+            if self._advance_mask(rnd):
+                rnd.changed.notify_all()
+            return
         if rnd.state != COLLECTING or cfg.deadline_unix is None or self.clock() < cfg.deadline_unix:
             return
         if len(rnd.accepted) >= cfg.min_clients:
@@ -680,12 +734,15 @@ class Aggregator:
         rnd.state = FAILED
         rnd.clients_at_close = tuple(sorted(rnd.accepted))
         missing = sorted(set(cfg.enrolled) - set(rnd.clients_at_close))
+        if rnd.mask is not None:  # a masked round's stage machine names who was missing at the stage it ended in
+            missing = []
         rnd.reason = f"{why}; accepted from: {', '.join(rnd.clients_at_close) or 'nobody'}" + (
             f"; missing: {', '.join(missing)}" if missing else "")
         rnd.sum = None
         rnd.seeds, rnd.records = {}, {}
         self._save_round(rnd)
         self._drop_updates(rnd)
+        rnd.drop_mask_files()
         log.warning("round failed", extra={"round": cfg.round_id, "reason": rnd.reason})
         self.observer.round_failed(cfg.round_id, self._age(rnd))
 
@@ -711,6 +768,7 @@ class Aggregator:
         rnd.seeds, rnd.records = {}, {}
         self._save_round(rnd)
         self._drop_updates(rnd)
+        rnd.drop_mask_files()
         log.info("round closed", extra={"round": rnd.config.round_id, "contributions": len(clients)})
         self.observer.round_closed(rnd.config.round_id, len(clients), self._age(rnd))
 
@@ -798,6 +856,9 @@ class Aggregator:
             raise SecAggError(f"unknown state {rnd.state!r}")
         rnd.clients_at_close = tuple(meta.get("clients_at_close", ()))
         rnd.aggregate_digest = meta.get("aggregate_digest", "")
+        if config.masking is not None and rnd.state == COLLECTING:
+            rnd.mask = MaskState.from_dict(store.read_json(rnd.mask_path))
+            rnd.mask.replay(read_journal(rnd.journal_path))
         if rnd.state == CLOSED:
             self._check_aggregate(rnd)
         if rnd.state != COLLECTING:
@@ -822,7 +883,9 @@ class Aggregator:
             self._verify_record(config, record)
             self._add_update(rnd, path, path.name, record)
             rnd.accepted[path.name] = header["digest"]
-        if len(rnd.accepted) == config.expected_clients:
+        if rnd.mask is not None:
+            self._advance_mask(rnd)
+        elif len(rnd.accepted) == config.expected_clients:
             self._close(rnd)
         return rnd
 

@@ -108,19 +108,50 @@ def single_threaded_blas():
 
 
 class Federation:
-    """A real aggregator on 127.0.0.1 with a fresh key, and all sites' clients, in one process."""
+    """A real aggregator on 127.0.0.1 with a fresh key, and all sites' clients, in one process.
 
-    def __init__(self, workdir: str | Path | None = None, max_weight: float = 1e6, dp=None) -> None:
+    ``masking``: every exchange is a masked round (:mod:`secagg.masking`), as ``secagg merge
+    --masking`` runs it: the aggregator runs mutual TLS with a throwaway CA, every site has its own
+    certificate and runs its stages in its own thread. (In one process it protects nobody from
+    anybody; it shows what masking costs and that it changes no result.)
+    """
+
+    def __init__(self, workdir: str | Path | None = None, max_weight: float = 1e6, dp=None,
+                 masking: bool = False) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="secagg-sim-") if workdir is None else None
         self.workdir = Path(workdir or self._tmp.name)
         paths = keygen(self.workdir / "keys")
         self.key = load_client_key(paths.client)
+        self.masking = masking
+        self._tls: dict[str, Any] = {}
+        server_tls = self._init_pki() if masking else None
         # A simulation holds every site's model in this one process; the minimum cohort protects
         # sites from each other, which a simulation does not have, so two sites are allowed here.
-        self.server = serve(paths.server, "127.0.0.1:0", self.workdir / "state", min_cohort=1)
+        self.server = serve(paths.server, "127.0.0.1:0", self.workdir / "state", min_cohort=1, tls=server_tls)
         self.dp = dp  # secagg.privacy.DPConfig for every "weights" exchange, or None
         self.max_weight = max_weight
         self.steps: list[StepRecord] = []
+
+    def _init_pki(self):
+        from secagg import certs
+        from secagg.transport.tls import ServerTLS
+
+        self._pki = self.workdir / "pki"
+        ca = certs.init_ca(self._pki)
+        server = certs.issue(self._pki, "server", server=True)
+        return ServerTLS(server.cert, server.key, ca.cert)
+
+    def tls(self, name: str):
+        """The client TLS settings of site ``name`` (or the round creator "admin"); None without masking."""
+        if not self.masking:
+            return None
+        if name not in self._tls:
+            from secagg import certs
+            from secagg.transport.tls import ClientTLS
+
+            issued = certs.issue(self._pki, name, admin=(name == "admin"))
+            self._tls[name] = ClientTLS(self._pki / "ca.crt", issued.cert, issued.key)
+        return self._tls[name]
 
     def close(self) -> None:
         self.server.stop()
@@ -160,15 +191,34 @@ class Federation:
         # round to the weights (rounded up to a power of two, so the bound does not reveal a sample count).
         largest = max(weight for _, _, weight in contributions)
         max_weight = min(self.max_weight, 2.0 ** math.ceil(math.log2(largest))) if largest > 0 else self.max_weight
+        masking = None
+        if self.masking:
+            from secagg.masking.settings import MaskSettings
+
+            if len(contributions) < 3:
+                raise SecAggError(f"exchange {name!r} has {len(contributions)} sites; masking needs at least 3")
+            masking = MaskSettings(stage_seconds=600)
         create_round(self.server.address, round_id, template=template, clients=len(contributions),
-                     max_weight=max_weight, value_bound=value_bound, dp=dp)
-        wire = 0
-        for (client_id, tensors, weight), reference in zip(contributions, references):
+                     max_weight=max_weight, value_bound=value_bound, dp=dp, masking=masking, tls=self.tls("admin"))
+        for client_id, tensors, _ in contributions:
             check_contribution(name, client_id, tensors, value_bound)
-            wire += submit(self.server.address, round_id, self.key, client_id, tensors, weight,
-                           dp_reference=reference if dp is not None else None).wire_bytes
-        # One process plays every site here, so the sites' own minimum cohort protects nobody from anybody.
-        average = fetch_average(self.server.address, round_id, self.key, wait=30, min_cohort=1)
+
+        def one(contribution, reference):
+            client_id, tensors, weight = contribution
+            # One process plays every site here, so the sites' own minimum cohort protects nobody from anybody.
+            return submit(self.server.address, round_id, self.key, client_id, tensors, weight,
+                          dp_reference=reference if dp is not None else None, tls=self.tls(client_id),
+                          min_cohort=1).wire_bytes
+
+        if self.masking:  # every site stays in its stages until all have submitted: one thread each
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(contributions)) as pool:
+                wire = sum(pool.map(one, contributions, references))
+        else:
+            wire = sum(one(c, r) for c, r in zip(contributions, references))
+        average = fetch_average(self.server.address, round_id, self.key, wait=30, min_cohort=1,
+                                tls=self.tls(contributions[0][0]))
         results = [unflatten(average.spec, average.vector, tensors) for _, tensors, _ in contributions]
         self.steps.append(StepRecord(name, round_id, len(contributions), average.spec.num_params, wire,
                                      time.perf_counter() - t0))

@@ -5,7 +5,8 @@ a round ``<round>.<k>.<step>`` on the aggregator; whichever site arrives first c
 others find it existing and check it matches), every site submits its encrypted contribution and
 waits for the round to close, then decrypts the average and goes on. Every site contributes to every exchange.
 When the aggregator runs mutual TLS only admin certificates create rounds: sites without one wait
-for a site with one to create each step's round.
+for a site with one to create each step's round. With ``masking`` every step's round is masked
+(:mod:`secagg.masking`), each stage waiting up to ``wait`` seconds for the other sites.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from secagg.api import create_round, fetch_average, round_spec, round_status, submit
 from secagg.errors import AuthError, RoundExistsError, RoundNotFoundError, RoundStateError, SecAggError
 from secagg.keys import ClientKey
+from secagg.masking.settings import MaskSettings
 from secagg.merge.methods import INIT_EPOCHS, INIT_WARMUP_ROUNDS, Site, run_method
 from secagg.merge.protocol import SiteProtocol, check_contribution, single_threaded_blas
 from secagg.packing import ModelSpec, unflatten
@@ -41,6 +43,7 @@ def run_site(
     progress: Callable[[str, str], None] | None = None,
     policy=None,
     min_cohort: int = 3,
+    masking: bool = False,
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``.
 
@@ -48,26 +51,30 @@ def run_site(
     detail)`` is told while this site waits for the others (step ``"wait"``). ``policy``: this site's
     own DP rules (:class:`secagg.site_policy.SitePolicy`), applied to every step's round.
     ``min_cohort``: this site's own minimum number of contributions to any average it accepts.
+    ``masking``: every exchange is a masked round (needs mutual TLS).
     """
     protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
     return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls=tls,
-                        progress=progress, policy=policy, min_cohort=min_cohort)
+                        progress=progress, policy=policy, min_cohort=min_cohort, masking=masking)
 
 
 def run_protocol(server: str, round_id: str, key: ClientKey, client_id: str, protocol: SiteProtocol, clients: int,
                  wait: float = 3600.0, max_weight: float = 1e5, *, tls: ClientTLS | None = None,
-                 progress: Callable[[str, str], None] | None = None, policy=None, min_cohort: int = 3):
+                 progress: Callable[[str, str], None] | None = None, policy=None, min_cohort: int = 3,
+                 masking: bool = False):
     """Drive any site protocol generator against ``server``; returns its result."""
+    masked = MaskSettings(stage_seconds=wait) if masking else None
     with single_threaded_blas():
         return _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress, policy,
-                      min_cohort)
+                      min_cohort, masked)
 
 
 #: While waiting for the other sites, say how many submitted this often (seconds).
 WAIT_REPORT_SECONDS = 15.0
 
 
-def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress, policy, min_cohort):
+def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls, progress, policy, min_cohort,
+           masking):
     step = 0
     try:
         exchange = next(protocol)
@@ -75,8 +82,9 @@ def _drive(server, round_id, key, client_id, protocol, clients, wait, max_weight
             sub_round = f"{round_id}.{step}.{exchange.name}"[:64]
             template = exchange.tensors
             check_contribution(exchange.name, client_id, template, exchange.value_bound)
-            _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight, wait, tls)
-            submit(server, sub_round, key, client_id, template, exchange.weight, policy=policy, tls=tls)
+            _ensure_round(server, sub_round, template, clients, exchange.value_bound, max_weight, wait, tls, masking)
+            submit(server, sub_round, key, client_id, template, exchange.weight, policy=policy, tls=tls,
+                   min_cohort=min_cohort)
             average = _await_average(server, sub_round, key, wait, tls, progress, min_cohort)
             exchange = protocol.send(unflatten(average.spec, average.vector, template))
             step += 1
@@ -104,10 +112,10 @@ def _await_average(server, round_id, key, wait, tls, progress, min_cohort):
             progress("wait", f"round {round_id}: {status.submitted} of {status.expected} sites have submitted")
 
 
-def _ensure_round(server, round_id, template, clients, value_bound, max_weight, wait, tls) -> None:
+def _ensure_round(server, round_id, template, clients, value_bound, max_weight, wait, tls, masking=None) -> None:
     try:
         create_round(server, round_id, template=template, clients=clients, value_bound=value_bound,
-                     max_weight=max_weight, tls=tls)
+                     max_weight=max_weight, masking=masking, tls=tls)
         return
     except RoundExistsError:
         status = round_status(server, round_id, tls=tls)
@@ -115,6 +123,10 @@ def _ensure_round(server, round_id, template, clients, value_bound, max_weight, 
         status = _wait_for_round(server, round_id, wait, tls, refused)
     leftover = (f"all sites must run the same --method with the same --clients; if round {round_id!r} is left over "
                 "from an earlier run, cancel it ('secagg round cancel') or start again with a new --round")
+    if bool(status.masking) != (masking is not None):
+        raise SecAggError(f"round {round_id!r} exists but does not match this step: it is "
+                          f"{'masked' if status.masking else 'not masked'}; every site runs with --masking, or none; "
+                          f"{leftover}")
     if status.expected != clients:
         raise SecAggError(f"round {round_id!r} exists but does not match this step: it expects {status.expected} "
                           f"sites, this site runs with --clients {clients}; {leftover}")

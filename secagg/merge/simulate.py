@@ -64,6 +64,7 @@ def simulate(
     torch_module=None,
     torch_kwargs=None,
     progress: Callable[[str, str], None] | None = None,
+    masking: bool = False,
 ) -> SimulationResult:
     """Merge the sites' models with ``method`` through a real loopback aggregator.
 
@@ -74,6 +75,7 @@ def simulate(
     (methods mean, align, init and fine-tune rounds; others exchange statistics DP does not cover).
     ``torch_module``/``torch_kwargs``: the sites' ``nn.Module`` for PyTorch state dicts
     (:mod:`secagg.models.framework`). ``progress(step, detail)`` is told as every step starts.
+    ``masking``: every exchange is a masked round (:class:`secagg.merge.protocol.Federation`).
     """
     if len(sites) < 2:
         raise SecAggError("simulate needs at least two --site MODEL DATA pairs")
@@ -90,7 +92,7 @@ def simulate(
                                 report=progress if i == 0 else None))
     _check_same_architecture(states, model_paths)
     exchanges = dp_exchanges(method, finetune_rounds, init_warmup) if dp is not None else 0
-    with Federation(workdir, dp=dp) as federation:
+    with Federation(workdir, dp=dp, masking=masking) as federation:
         results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup) for s in states})
         steps = list(federation.steps)
     model, info = results[states[0].name]

@@ -24,6 +24,7 @@ def status_from_pb(s: pb.RoundStatus) -> RoundStatus:
         dp=json.loads(s.dp_json) if s.dp_json else None, enrolled=tuple(s.enrolled), epsilon_round=s.epsilon_round,
         epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or None, delta=s.delta or None,
         min_cohort=s.min_cohort, release_grid=s.release_grid, release_precision=s.release_precision,
+        masking=json.loads(s.masking_json) if s.masking_json else None, stage=s.stage,
     )
 
 
@@ -108,6 +109,20 @@ class AggregatorClient:
                 yield pb.SubmitMessage(chunk=chunk_to_pb(c))
 
         return self._call(self._stub.Submit, messages())
+
+    def mask_stage(self, round_id: str, client_id: str, stage: str, payload: dict | None,
+                   wait: float) -> tuple[bool, dict, str]:
+        """Post this site's message for a masked round's stage and/or wait for the stage's outcome (secagg.masking)."""
+        request = pb.MaskRequest(round_id=round_id, client_id=client_id, stage=stage,
+                                 payload_json=json.dumps(payload) if payload is not None else "", wait_seconds=wait)
+        reply = self._call(self._stub.MaskStage, request, timeout=wait + 30)
+        try:
+            view = json.loads(reply.payload_json) if reply.payload_json else {}
+        except (ValueError, RecursionError):
+            view = None
+        if not isinstance(view, dict):
+            raise SecAggError(f"the aggregator answered the {stage} stage with something that is not a JSON object")
+        return reply.ready, view, reply.stage
 
     def fetch(self, round_id: str, wait: float) -> tuple[pb.AggregateHeader, Iterator[Chunk]]:
         """The aggregate's header and a lazy iterator over its chunks."""

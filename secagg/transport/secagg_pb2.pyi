@@ -25,7 +25,7 @@ class ServerInfo(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., format_version: _Optional[int] = ...) -> None: ...
 
 class CreateRoundRequest(_message.Message):
-    __slots__ = ("round_id", "model_spec_json", "expected_clients", "min_clients", "deadline_seconds", "max_weight", "value_bound", "dp_json", "enrolled")
+    __slots__ = ("round_id", "model_spec_json", "expected_clients", "min_clients", "deadline_seconds", "max_weight", "value_bound", "dp_json", "enrolled", "masking_json")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class CreateRoundRequest(_message.Message):
     VALUE_BOUND_FIELD_NUMBER: _ClassVar[int]
     DP_JSON_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    MASKING_JSON_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     model_spec_json: str
     expected_clients: int
@@ -44,7 +45,8 @@ class CreateRoundRequest(_message.Message):
     value_bound: float
     dp_json: str
     enrolled: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round_id: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., expected_clients: _Optional[int] = ..., min_clients: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ...) -> None: ...
+    masking_json: str
+    def __init__(self, round_id: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., expected_clients: _Optional[int] = ..., min_clients: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ..., masking_json: _Optional[str] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
     __slots__ = ("round_id",)
@@ -53,7 +55,7 @@ class GetRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round_id", "state", "submitted", "expected", "min_clients", "clients", "deadline_unix", "spec_hash", "key_id", "max_weight", "value_bound", "num_params", "reason", "model_spec_json", "dp_json", "enrolled", "epsilon_round", "epsilon_spent", "epsilon_budget", "delta", "min_cohort", "release_grid", "release_precision")
+    __slots__ = ("round_id", "state", "submitted", "expected", "min_clients", "clients", "deadline_unix", "spec_hash", "key_id", "max_weight", "value_bound", "num_params", "reason", "model_spec_json", "dp_json", "enrolled", "epsilon_round", "epsilon_spent", "epsilon_budget", "delta", "min_cohort", "release_grid", "release_precision", "masking_json", "stage")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +79,8 @@ class RoundStatus(_message.Message):
     MIN_COHORT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_GRID_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MASKING_JSON_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     state: str
     submitted: int
@@ -100,7 +104,9 @@ class RoundStatus(_message.Message):
     min_cohort: int
     release_grid: float
     release_precision: float
-    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., deadline_unix: _Optional[float] = ..., spec_hash: _Optional[str] = ..., key_id: _Optional[str] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., num_params: _Optional[int] = ..., reason: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ..., epsilon_round: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., min_cohort: _Optional[int] = ..., release_grid: _Optional[float] = ..., release_precision: _Optional[float] = ...) -> None: ...
+    masking_json: str
+    stage: str
+    def __init__(self, round_id: _Optional[str] = ..., state: _Optional[str] = ..., submitted: _Optional[int] = ..., expected: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients: _Optional[_Iterable[str]] = ..., deadline_unix: _Optional[float] = ..., spec_hash: _Optional[str] = ..., key_id: _Optional[str] = ..., max_weight: _Optional[float] = ..., value_bound: _Optional[float] = ..., num_params: _Optional[int] = ..., reason: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., dp_json: _Optional[str] = ..., enrolled: _Optional[_Iterable[str]] = ..., epsilon_round: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., delta: _Optional[float] = ..., min_cohort: _Optional[int] = ..., release_grid: _Optional[float] = ..., release_precision: _Optional[float] = ..., masking_json: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class ContributionRecord(_message.Message):
     __slots__ = ("client_id", "digest", "seeds_digest", "tag", "certificate", "signature")
@@ -243,3 +249,27 @@ class RoundList(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     def __init__(self, rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...
+
+class MaskRequest(_message.Message):
+    __slots__ = ("round_id", "client_id", "stage", "payload_json", "wait_seconds")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    client_id: str
+    stage: str
+    payload_json: str
+    wait_seconds: float
+    def __init__(self, round_id: _Optional[str] = ..., client_id: _Optional[str] = ..., stage: _Optional[str] = ..., payload_json: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class MaskReply(_message.Message):
+    __slots__ = ("ready", "payload_json", "stage")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    payload_json: str
+    stage: str
+    def __init__(self, ready: _Optional[bool] = ..., payload_json: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,11 @@ class AggregatorStub:
                 request_serializer=secagg__pb2.ListRoundsRequest.SerializeToString,
                 response_deserializer=secagg__pb2.RoundList.FromString,
                 _registered_method=True)
+        self.MaskStage = channel.unary_unary(
+                '/secagg.v1.Aggregator/MaskStage',
+                request_serializer=secagg__pb2.MaskRequest.SerializeToString,
+                response_deserializer=secagg__pb2.MaskReply.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -129,6 +134,16 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MaskStage(self, request, context):
+        """A masked round's stages (secagg.masking): post this site's message for a stage (payload_json
+        non-empty) and/or wait up to wait_seconds (at most 30 per call) for the stage to end; the reply
+        carries what this site gets from it (the cohort's signed keys, the shares addressed to it, the
+        survivors, their signatures). Under mutual TLS a site may post only as its certificate's name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +181,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.ListRounds,
                     request_deserializer=secagg__pb2.ListRoundsRequest.FromString,
                     response_serializer=secagg__pb2.RoundList.SerializeToString,
+            ),
+            'MaskStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.MaskStage,
+                    request_deserializer=secagg__pb2.MaskRequest.FromString,
+                    response_serializer=secagg__pb2.MaskReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +377,33 @@ class Aggregator:
             '/secagg.v1.Aggregator/ListRounds',
             secagg__pb2.ListRoundsRequest.SerializeToString,
             secagg__pb2.RoundList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MaskStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secagg.v1.Aggregator/MaskStage',
+            secagg__pb2.MaskRequest.SerializeToString,
+            secagg__pb2.MaskReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from secagg import keys
 from secagg.contribution import Contribution
 from secagg.envelope import FORMAT_VERSION, MAX_MESSAGE_BYTES, Chunk, Header, check_id
-from secagg.errors import EnvelopeError, PrivacyError, SecAggError, TransportError
+from secagg.errors import EnvelopeError, MaskingError, PrivacyError, SecAggError, TransportError
+from secagg.masking.settings import MaskSettings
 from secagg.metrics import Metrics, MetricsEndpoint
 from secagg.packing import ModelSpec
 from secagg.privacy.mechanism import DPConfig
@@ -47,7 +48,8 @@ def status_to_pb(s: RoundStatus, spec: ModelSpec) -> pb.RoundStatus:
         model_spec_json=spec.to_json(), dp_json=json.dumps(s.dp) if s.dp else "", enrolled=list(s.enrolled),
         epsilon_round=s.epsilon_round, epsilon_spent=s.epsilon_spent, epsilon_budget=s.epsilon_budget or 0.0,
         delta=s.delta or 0.0, min_cohort=s.min_cohort, release_grid=s.release_grid,
-        release_precision=s.release_precision,
+        release_precision=s.release_precision, masking_json=json.dumps(s.masking) if s.masking else "",
+        stage=s.stage,
     )
 
 
@@ -63,6 +65,26 @@ def _dp_from_json(text: str) -> DPConfig | None:
         return DPConfig.from_dict(json.loads(text))
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise PrivacyError(f"the round's DP settings are not valid JSON of a DPConfig ({exc}); use the secagg client") from None
+
+
+def _masking_from_json(text: str) -> dict | None:
+    if not text:
+        return None
+    try:
+        return MaskSettings.from_dict(_json_object(text, "masking settings")).to_dict()
+    except RecursionError:
+        raise MaskingError("the round's masking settings are not valid JSON; use the secagg client") from None
+
+
+def _json_object(text: str, what: str) -> dict:
+    """A JSON object from a request field; anything else (or absurd nesting) is a clear error."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MaskingError(f"the {what} are not valid JSON ({type(exc).__name__}); use the secagg client") from None
+    if not isinstance(value, dict):
+        raise MaskingError(f"the {what} must be a JSON object; use the secagg client")
+    return value
 
 
 def chunk_to_pb(c: Chunk) -> pb.Chunk:
@@ -110,6 +132,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 deadline_unix=(self.core.clock() + request.deadline_seconds) if request.deadline_seconds > 0 else None,
                 max_weight=request.max_weight or DEFAULT_MAX_WEIGHT, value_bound=request.value_bound or DEFAULT_VALUE_BOUND,
                 dp=_dp_from_json(request.dp_json), enrolled=tuple(request.enrolled),
+                masking=_masking_from_json(request.masking_json),
             )
             return status_to_pb(self.core.create_round(config), spec)
         except SecAggError as exc:
@@ -183,6 +206,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         if not context.is_active():
             raise EnvelopeError("the update's stream broke off at a message that could not be parsed; resend the "
                                 "whole update with the secagg client")
+
+    def MaskStage(self, request, context):
+        try:
+            who = self.auth.caller(context)
+            payload = _json_object(request.payload_json, "stage message") if request.payload_json else None
+            ready, view, stage = self.core.mask_stage(
+                request.round_id, request.client_id, request.stage, payload,
+                wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT), caller=who.name if who is not None else None)
+        except SecAggError as exc:
+            abort(context, exc)
+            return
+        return pb.MaskReply(ready=ready, payload_json=json.dumps(view), stage=stage)
 
     def FetchAggregate(self, request, context):
         try:

@@ -117,3 +117,39 @@ def test_out_of_order_pipeline_is_refused_before_any_round(keras_sites):
 
     with pytest.raises(SecAggError, match="out of order"):
         simulate("readout+align", [s.pair() for s in keras_sites])
+
+
+@pytest.mark.slow
+def test_masked_merge_sites_build_the_weighted_average(serve_process, cli_popen, keypair, keras_sites, mh, tmp_path):
+    """`secagg merge --masking` under mutual TLS: every exchange is a masked round (secagg.masking)."""
+    from secagg import certs
+
+    ca = certs.init_ca(tmp_path / "pki")
+    server_cert = certs.issue(tmp_path / "pki", "server", server=True)
+    site_certs = [certs.issue(tmp_path / "pki", f"site{i}", admin=(i == 0)) for i in range(3)]  # site0 creates rounds
+    server = serve_process(state_dir=tmp_path / "state", extra=(
+        "--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key), "--tls-ca", str(ca.cert)))
+    procs = [
+        cli_popen("merge", "--server", server.address, "--round", "mm", "--key", str(keypair.client),
+                  "--client-id", f"site{i}", "--model", str(s.model), "--data", str(s.data), "--method", "mean",
+                  "--clients", "3", "--wait", "120", "--max-weight", "512", "--masking",
+                  "--tls-ca", str(ca.cert), "--tls-cert", str(site_certs[i].cert), "--tls-key", str(site_certs[i].key),
+                  "--out", str(tmp_path / f"g{i}.keras"))
+        for i, s in enumerate(keras_sites)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    globals_ = [mh.read_tensors(tmp_path / f"g{i}.keras") for i in range(3)]
+    for other in globals_[1:]:
+        assert all(np.array_equal(globals_[0][k], other[k]) for k in globals_[0])
+    tls = secagg.ClientTLS(ca.cert, site_certs[1].cert, site_certs[1].key)
+    rounds = [r for r in secagg.list_rounds(server.address, tls=tls) if r.round_id.startswith("mm.")]
+    assert rounds and all(r.state == "closed" and r.submitted == 3 for r in rounds)
+    for r in rounds:
+        assert secagg.round_status(server.address, r.round_id, tls=tls).masking is not None
+    tensors = [mh.read_tensors(s.model) for s in keras_sites]
+    w = np.array([s.cut for s in keras_sites], np.float64)
+    for name in globals_[0]:
+        want = sum(wi * t[name].astype(np.float64) for wi, t in zip(w, tensors)) / w.sum()
+        assert float(np.max(np.abs(globals_[0][name] - want))) <= 1e-6, name

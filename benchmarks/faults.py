@@ -18,7 +18,10 @@ for the clients, and checks: every client got a receipt, the round closed with e
 counted exactly once (status; the aggregate's contributions, which the client checks against the
 encrypted count slot; receipts; "update accepted" log lines of both processes, of which a kill may
 swallow the line of an update it acknowledged too late to reply), and the decrypted average equals
-the float64 weighted average (1e-6).
+the float64 weighted average (1e-6). Meanwhile an attacker holds ``--silent-streams`` (default 40)
+upload streams open against each aggregator process of a kill trial, sending nothing: the SIGKILL
+lands while they are open, and the restarted aggregator gets 40 more; each aggregator closes them
+after its ``--upload-idle-timeout`` (3 s here), and the clients' retries go through.
 
 To count retries, ``AggregatorClient.submit`` is wrapped in this process (calls and failures are
 counted; behaviour is unchanged). ``secagg.submit`` does not retry its first call (GetRound): a
@@ -62,9 +65,39 @@ def log(msg: str) -> None:
     print(f"[faults] {msg}", file=sys.stderr, flush=True)
 
 
+#: Silent upload streams (a slowloris) opened against every aggregator process of a kill trial.
+SILENT_STREAMS = 40
+#: The aggregators' --upload-idle-timeout here: silent streams hold the upload slots this long.
+IDLE_TIMEOUT = 3.0
+
+
 def serve(paths, state: Path, log_path: Path, listen: str = "127.0.0.1:0") -> ServerProcess:
     return ServerProcess([sys.executable, "-m", "secagg.cli", "serve", "--key", str(paths.server), "--listen", listen,
-                          "--state-dir", str(state)], log_path)
+                          "--state-dir", str(state), "--upload-idle-timeout", str(IDLE_TIMEOUT)], log_path)
+
+
+class SilentStreams:
+    """``n`` Submit streams that never send a byte, over a few channels; :meth:`close` ends them."""
+
+    def __init__(self, address: str, n: int, channels: int = 8) -> None:
+        import grpc
+
+        from secagg.transport import secagg_pb2_grpc as pb_grpc
+
+        self.release = threading.Event()
+        self.channels = [grpc.insecure_channel(address) for _ in range(channels)]
+
+        def nothing():
+            self.release.wait()
+            return
+            yield
+
+        self.futures = [pb_grpc.AggregatorStub(self.channels[i % channels]).Submit.future(nothing()) for i in range(n)]
+
+    def close(self) -> None:
+        self.release.set()
+        for ch in self.channels:
+            ch.close()
 
 
 def sigkill(server: ServerProcess) -> None:
@@ -173,6 +206,8 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[
     state = tmp / f"state-{label}"
     first = serve(paths, state, tmp / f"{label}-1.log")
     address = first.address
+    # The calibration round has them too, so that the kill window covers a round under this load.
+    silent = [SilentStreams(address, SILENT_STREAMS)] if SILENT_STREAMS else []
     round_id = f"faults-{label}"
     # The round's max weight is the largest site's weight: released sums are rounded to an absolute
     # grid (secagg.release), so a max weight far above the real ones would cost precision.
@@ -207,6 +242,8 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[
             time.sleep(restart_gap)
             t_restart = time.monotonic()
             second = serve(paths, state, tmp / f"{label}-2.log", listen=address)
+            if SILENT_STREAMS:
+                silent.append(SilentStreams(address, SILENT_STREAMS))
             out["restart_seconds"] = time.monotonic() - t_restart
             out["downtime_s"] = time.monotonic() - t0 - out["killed_at_s"]
         for t in threads:
@@ -224,6 +261,8 @@ def run_round(paths, key, tmp: Path, label: str, models, weights, offsets: list[
             err = weight_err = float("nan")
             contributions, avg_clients = 0, []
     finally:
+        for streams in silent:
+            streams.close()
         for s in (first, second):
             if s is not None and s.proc.poll() is None:
                 s.stop()
@@ -376,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=5.0, help="deadline of the dropout rounds in seconds (default 5)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="JSON results (default benchmarks/results/faults.json)")
+    p.add_argument("--silent-streams", type=int, default=SILENT_STREAMS,
+                   help=f"silent upload streams opened against each aggregator process of a kill trial (default "
+                        f"{SILENT_STREAMS}; the aggregators close them after --upload-idle-timeout {IDLE_TIMEOUT:g} s)")
     p.add_argument("--quick", action="store_true", help="smoke run")
     args = p.parse_args(argv)
+    globals()["SILENT_STREAMS"] = args.silent_streams
     trials = args.trials or (3 if args.quick else 20)
     n = args.params or (100_000 if args.quick else 400_000)
     if args.clients < 4:
@@ -432,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"argv": sys.argv[1:], "trials": trials, "clients": args.clients, "num_params": n, "seed": args.seed,
                  "stagger_s": args.stagger,
                  "restart_gap_s": args.restart_gap, "kill_window_s": window, "total_seconds": total,
+                 "silent_streams": SILENT_STREAMS, "upload_idle_timeout_s": IDLE_TIMEOUT,
                  "cpu_count": os.cpu_count(), "load_average_before": load_before,
                  "load_average_after": os.getloadavg(), "platform": platform.platform(),
                  "python": platform.python_version(), "secagg": secagg.__version__, "tenseal": tenseal.__version__},

@@ -168,9 +168,9 @@ class ServerProcess:
             time.sleep(0.05)
 
     @classmethod
-    def secagg(cls, server_key: Path, state_dir: Path, log_path: Path) -> "ServerProcess":
+    def secagg(cls, server_key: Path, state_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) -> "ServerProcess":
         return cls([sys.executable, "-m", "secagg.cli", "serve", "--key", str(server_key), "--listen", "127.0.0.1:0",
-                    "--state-dir", str(state_dir)], log_path)
+                    "--state-dir", str(state_dir), *extra], log_path)
 
     @classmethod
     def previous(cls, tree: Path, server_key: Path, state_dir: Path, log_path: Path) -> "ServerProcess":

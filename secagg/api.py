@@ -19,6 +19,7 @@ import numpy as np
 
 from secagg import envelope
 from secagg.errors import (
+    BusyError,
     KeyFileError,
     OverflowRiskError,
     PrivacyError,
@@ -36,6 +37,7 @@ from secagg.updates import Average, encrypt_update, open_aggregate, open_chunks,
 from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.client import AggregatorClient
+from secagg.transport.admission import Limits
 from secagg.transport.server import Server, record_from_pb
 from secagg.transport.tls import ClientTLS, ServerTLS
 
@@ -71,7 +73,7 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
           min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None, delta: float | None = None,
           *, max_params: int = DEFAULT_MAX_PARAMS, tls: ServerTLS | None = None, insecure: bool = False,
           metrics_port: int | None = None, metrics_host: str | None = None, health_listen: str | None = None,
-          allow_non_dp_rounds: bool = False) -> Server:
+          allow_non_dp_rounds: bool = False, limits: Limits | None = None) -> Server:
     """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server.
 
     ``tls`` with a ``ca`` is mutual TLS: every client needs a certificate from that CA, a client may
@@ -80,15 +82,17 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
     The gRPC port also answers health checks and reflection. ``metrics_port``: serve Prometheus
     metrics at ``server.metrics_url`` (0 picks a port). ``health_listen``: a plaintext port with health
     checks only, for probes without a client certificate. ``allow_non_dp_rounds``: with an
-    ``epsilon_budget``, rounds without DP are refused unless this is set.
+    ``epsilon_budget``, rounds without DP are refused unless this is set. ``limits``: how many uploads
+    and waiting calls it serves at once, per client, and how long an upload may stay silent
+    (:mod:`secagg.transport.admission`); beyond, calls are refused with a retry hint instead of queueing.
     """
     key = server_key if isinstance(server_key, ServerKey) else load_server_key(server_key)
     metrics = Metrics()
     ca_pem = tls.ca.read_bytes() if tls is not None and tls.ca is not None else None
     core = Aggregator(key, state_dir, min_cohort=min_cohort, max_params=max_params, epsilon_budget=epsilon_budget,
                       delta=delta, observer=metrics, ca_pem=ca_pem, allow_non_dp=allow_non_dp_rounds)
-    return Server(core, listen, tls=tls, insecure=insecure, metrics=metrics, metrics_port=metrics_port,
-                  metrics_host=metrics_host, health_listen=health_listen).start()
+    return Server(core, listen, tls=tls, insecure=insecure, limits=limits, metrics=metrics,
+                  metrics_port=metrics_port, metrics_host=metrics_host, health_listen=health_listen).start()
 
 
 def create_round(
@@ -296,6 +300,10 @@ def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
             except RoundStateError as exc:
                 if "still collecting" not in str(exc) or time.monotonic() >= end:
                     raise
+            except BusyError:  # the aggregator serves as many fetches as it allows: back off and ask again
+                if time.monotonic() >= end + retry_for:
+                    raise
+                time.sleep(1.0)
         records = [record_from_pb(r) for r in head.records]
         pairs = list(open_chunks(ckey, status, head, len(records), _report(chunks, progress, "receive", head.num_chunks)))
     return open_aggregate(ckey, status, spec, records, pairs, tls, min_cohort, progress)

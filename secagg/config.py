@@ -85,6 +85,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("delta", "float", "the federation's delta for --epsilon-budget (e.g. 1e-5)", metavar="D"),
     Option("allow-non-dp-rounds", "bool", "with --epsilon-budget, also create rounds without DP (refused otherwise: "
            "their sums carry no noise)", default=False),
+    Option("max-uploads", "int", "uploads served at once; more are refused with a retry hint (the secagg client "
+           "retries) instead of queueing: memory stays bounded", default=16, metavar="N", group=OPS),
+    Option("max-waits", "int", "waiting calls (fetch, masking stages) served at once; more are refused likewise",
+           default=64, metavar="N", group=OPS),
+    Option("max-calls-per-client", "int", "uploads, and waiting calls, one client may have open at once (by its "
+           "certificate's name; mutual TLS only)", default=4, metavar="N", group=OPS),
+    Option("upload-idle-timeout", "float", "an upload that sends nothing this long is cancelled, freeing its slot",
+           default=30.0, metavar="SECONDS", group=OPS),
     Option("metrics-port", "int", "serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0 picks a free "
            "port; the address is logged)", metavar="PORT", group=OPS),
     Option("metrics-host", "str", "address the metrics port binds", metavar="HOST", group=OPS,
@@ -117,6 +125,10 @@ class ServeSettings:
     epsilon_budget: float | None
     delta: float | None
     allow_non_dp_rounds: bool
+    max_uploads: int
+    max_waits: int
+    max_calls_per_client: int
+    upload_idle_timeout: float
     metrics_port: int | None
     metrics_host: str | None
     health_listen: str | None

@@ -69,6 +69,10 @@ class TransportError(SecAggError):
         self.transient = transient
 
 
+class BusyError(TransportError):
+    """The aggregator is serving as many long calls as it allows (in total or from this client): try again later."""
+
+
 class PrivacyError(SecAggError):
     """A differential-privacy setting is invalid (clip norm, noise, delta, mode, cohort)."""
 

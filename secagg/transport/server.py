@@ -31,7 +31,8 @@ from secagg.privacy.mechanism import DPConfig
 from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
-from secagg.transport.auth import Authorizer
+from secagg.transport.admission import Admission, Limits
+from secagg.transport.auth import Authorizer, Identity
 from secagg.transport.status import abort
 from secagg.transport.tls import ServerTLS
 
@@ -107,10 +108,21 @@ def record_from_pb(r: pb.ContributionRecord) -> Contribution:
 class AggregatorServicer(pb_grpc.AggregatorServicer):
     """Every method: check the caller, parse the request, call the core, map :class:`SecAggError` to a status."""
 
-    def __init__(self, core: Aggregator, auth: Authorizer | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, core: Aggregator, auth: Authorizer | None = None, metrics: Metrics | None = None,
+                 admission: Admission | None = None) -> None:
         self.core = core
         self.auth = auth or Authorizer(enforce=False)
         self.metrics = metrics or Metrics()
+        self.admission = admission or Admission(Limits())
+
+    def _who(self, context) -> tuple[Identity | None, str | None]:
+        """The verified caller and the name its calls are counted under; (None, None) without mutual TLS.
+
+        Without mutual TLS nothing identifies a client (sites behind one NAT, or every local process,
+        share an address), so only the global limits apply there.
+        """
+        who = self.auth.caller(context)
+        return who, who.name if who is not None else None
 
     def GetServerInfo(self, request, context):
         try:
@@ -162,30 +174,36 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def Submit(self, request_iterator, context):
         ids: dict[str, str] = {}
+        slot = None
         try:
-            self.auth.caller(context)  # before reading anything of the update
-            messages = self._counted(request_iterator)
-            first = next(messages, None)
-            if first is None or first.WhichOneof("kind") != "header":
-                raise EnvelopeError("an update must start with its header; use the secagg client to submit")
-            h = first.header
-            header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks,
-                            h.digest, record_from_pb(h.contribution) if h.HasField("contribution") else None,
-                            h.format_version)
-            ids = _log_ids(header)
-            # Before any chunk is read: an update claiming another client's id is refused unread.
-            self.auth.check_submitter(context, header.client_id)
-            result = self.core.submit(header, self._chunks(messages, context))
+            _, name = self._who(context)  # before reading anything of the update
+            slot = self.admission.upload(name, context, request_iterator)
+            with slot:
+                return self._submit(slot, context, ids)
         except SecAggError as exc:
             self.metrics.refused.labels(self.metrics.reason(exc)).inc()
             log.info("update refused: %s", exc, extra={**ids, "reason": type(exc).__name__})
             abort(context, exc)
-        except grpc.RpcError:  # the client went away mid-stream
-            self.metrics.refused.labels(TransportError.__name__).inc()
+        except grpc.RpcError:  # the client went away mid-stream, or the idle watchdog cancelled it
+            self.metrics.refused.labels("idle" if slot is not None and slot.idle else TransportError.__name__).inc()
             raise
         except Exception:
             self.metrics.refused.labels("internal").inc()
             raise
+
+    def _submit(self, slot, context, ids: dict[str, str]):
+        messages = self._counted(slot.messages())
+        first = next(messages, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise EnvelopeError("an update must start with its header; use the secagg client to submit")
+        h = first.header
+        header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks,
+                        h.digest, record_from_pb(h.contribution) if h.HasField("contribution") else None,
+                        h.format_version)
+        ids.update(_log_ids(header))
+        # Before any chunk is read: an update claiming another client's id is refused unread.
+        self.auth.check_submitter(context, header.client_id)
+        result = self.core.submit(header, self._chunks(messages, context))
         (self.metrics.resent if result.already_accepted else self.metrics.accepted).inc()
         return pb.SubmitReply(round_id=result.round_id, client_id=result.client_id, submitted=result.submitted,
                               already_accepted=result.already_accepted)
@@ -209,11 +227,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def MaskStage(self, request, context):
         try:
-            who = self.auth.caller(context)
+            who, name = self._who(context)
             payload = _json_object(request.payload_json, "stage message") if request.payload_json else None
-            ready, view, stage = self.core.mask_stage(
-                request.round_id, request.client_id, request.stage, payload,
-                wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT), caller=who.name if who is not None else None)
+            with self.admission.wait(name):
+                ready, view, stage = self.core.mask_stage(
+                    request.round_id, request.client_id, request.stage, payload,
+                    wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT), caller=who.name if who is not None else None)
         except SecAggError as exc:
             abort(context, exc)
             return
@@ -221,7 +240,17 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def FetchAggregate(self, request, context):
         try:
-            who = self.auth.caller(context)
+            who, name = self._who(context)
+            slot = self.admission.wait(name)
+        except SecAggError as exc:
+            self.metrics.fetches_refused.labels(self.metrics.reason(exc)).inc()
+            abort(context, exc)
+            return
+        with slot:  # held while the sum streams out: a client that stops reading holds one slot, not the server
+            yield from self._fetch(request, context, who)
+
+    def _fetch(self, request, context, who):
+        try:
             agg = self.core.aggregate(request.round_id, wait=min(max(request.wait_seconds, 0.0), MAX_FETCH_WAIT),
                                       caller=who.name if who is not None and not who.is_admin else None)
         except SecAggError as exc:
@@ -265,17 +294,20 @@ class Server:
     """
 
     def __init__(self, core: Aggregator, listen: str, tls: ServerTLS | None = None, insecure: bool = False,
-                 max_workers: int = 16, *, metrics: Metrics | None = None, metrics_port: int | None = None,
+                 limits: Limits | None = None, *, metrics: Metrics | None = None, metrics_port: int | None = None,
                  metrics_host: str | None = None, health_listen: str | None = None) -> None:
         self.core = core
         host = listen.rsplit(":", 1)[0]
         exposure = _check_exposure(listen, host, tls, insecure)
         credentials = tls.credentials() if tls is not None else None  # bad files fail here, before binding
-        self._grpc = _grpc_server(max_workers)
-        self.mutual_tls = tls is not None and tls.mutual
+        self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
+        self.admission = Admission(self.limits)
+        # Enough workers for every admitted long call plus a reserve: short calls (status, health) never wait.
+        self._grpc = _grpc_server(self.limits.workers)
+        self.mutual_tls = tls is not None and tls.mutual
         self.metrics.count_open_rounds(core.open_rounds)
-        servicer = AggregatorServicer(core, Authorizer(self.mutual_tls), self.metrics)
+        servicer = AggregatorServicer(core, Authorizer(self.mutual_tls), self.metrics, self.admission)
         pb_grpc.add_AggregatorServicer_to_server(servicer, self._grpc)
         # Health answers without a caller check: it tells nothing but up or down.
         self.health = health.HealthServicer()
@@ -347,6 +379,7 @@ class Server:
         self.health.enter_graceful_shutdown()
         self._stop.set()
         self._grpc.stop(grace).wait()
+        self.admission.stop()
         if self._health_grpc is not None:
             self._health_grpc.stop(0).wait()
         if self._metrics_endpoint is not None:
@@ -355,6 +388,10 @@ class Server:
     def wait(self) -> None:
         """Block until the server stops."""
         self._grpc.wait_for_termination()
+
+
+#: Receive window per stream (see _grpc_server).
+STREAM_WINDOW_BYTES = 1 << 20
 
 
 def _grpc_server(max_workers: int) -> grpc.Server:
@@ -366,7 +403,14 @@ def _grpc_server(max_workers: int) -> grpc.Server:
                  ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                  # gRPC sets SO_REUSEPORT by default, so a second aggregator could bind a port
                  # that one already serves and the kernel would split clients between the two.
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 # Flow control: gRPC otherwise grows each connection's receive window with its
+                 # bandwidth-delay estimate (to several MB) and buffers that much of every incoming
+                 # stream, including streams that are then refused as busy: 200 clients sending 8 MB
+                 # updates at once took the aggregator to 1.3 GB. A fixed 1 MiB window per stream
+                 # bounds that and still allows 20 MB/s per upload at 50 ms round trips.
+                 ("grpc.http2.bdp_probe", 0),
+                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES)],
     )
 
 

@@ -25,6 +25,7 @@ _TO_CODE: list[tuple[type[e.SecAggError], grpc.StatusCode]] = [
     (e.RoundStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.KeyFileError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.MessageTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.SecAggError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 
@@ -56,12 +57,17 @@ def error_from_rpc(err: grpc.RpcError, server: str, hint: str = "") -> e.SecAggE
                                 f"{hint or 'check --server and that it runs'}", transient=not hint)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return e.TransportError(f"the aggregator at {server} did not answer in time; try again")
+    name = dict(err.trailing_metadata() or ()).get(ERROR_CLASS_KEY, "")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and name == e.BusyError.__name__:
+        return e.BusyError(f"{detail} (aggregator {server})")
+    if code == grpc.StatusCode.CANCELLED:
+        return e.TransportError(f"the aggregator at {server} cancelled the call ({detail}): an upload that sent "
+                                "nothing for its idle timeout, or the aggregator is stopping; try again")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return e.MessageTooLargeError(
             f"the aggregator refused a message as too large ({detail}); messages must stay under 4 MiB: "
             "use the secagg client, which streams updates in chunks"
         )
-    name = dict(err.trailing_metadata() or ()).get(ERROR_CLASS_KEY, "")
     cls = getattr(e, name, None)
     if isinstance(cls, type) and issubclass(cls, e.SecAggError):
         return cls(detail)

@@ -14,7 +14,7 @@ from secagg.masking import flow
 from secagg.masking.settings import MaskSettings
 from secagg.transport.client import AggregatorClient
 
-STAGE = 4.0  # seconds each stage waits for missing sites in these tests
+STAGE = 8.0  # seconds each stage waits for missing sites in these tests (room for a loaded CI machine)
 
 
 def create(server, pki, template, n, round_id="m1", enroll=(), **kw):

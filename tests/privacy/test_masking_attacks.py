@@ -27,7 +27,7 @@ from secagg.packing import ModelSpec, flatten
 from secagg.updates import bounds, checks
 
 Q = 1152921504606748673
-STAGE = 4.0
+STAGE = 8.0
 
 
 def _create(srv, pki, template, n, round_id="m1", min_clients=None):

@@ -115,7 +115,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.metrics = metrics or Metrics()
         self.admission = admission or Admission(Limits())
 
-    def _who(self, context) -> tuple[Identity | None, str | None]:
+    def _identify(self, context) -> tuple[Identity | None, str | None]:
         """The verified caller and the name its calls are counted under; (None, None) without mutual TLS.
 
         Without mutual TLS nothing identifies a client (sites behind one NAT, or every local process,
@@ -176,7 +176,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         ids: dict[str, str] = {}
         slot = None
         try:
-            _, name = self._who(context)  # before reading anything of the update
+            _, name = self._identify(context)  # before reading anything of the update
             slot = self.admission.upload(name, context, request_iterator)
             with slot:
                 return self._submit(slot, context, ids)
@@ -227,7 +227,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def MaskStage(self, request, context):
         try:
-            who, name = self._who(context)
+            who, name = self._identify(context)
             payload = _json_object(request.payload_json, "stage message") if request.payload_json else None
             with self.admission.wait(name):
                 ready, view, stage = self.core.mask_stage(
@@ -240,7 +240,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def FetchAggregate(self, request, context):
         try:
-            who, name = self._who(context)
+            who, name = self._identify(context)
             slot = self.admission.wait(name)
         except SecAggError as exc:
             self.metrics.fetches_refused.labels(self.metrics.reason(exc)).inc()

@@ -76,7 +76,7 @@ class MaskedRounds:
                 return True, {}, mask_stages.DONE  # its last message closed the round; the reply was lost
             if payload is not None:
                 self._check_collecting(rnd)
-                rnd.mask.post(stage, client_id, payload, cfg.terms(self.key.key_id), self.ca_pem, cfg.enrolled)
+                rnd.mask.post(stage, client_id, payload, cfg.terms(self.key.key_id), self.ca_pem)
                 self._save_mask(rnd)
                 self._advance_mask(rnd)
                 rnd.changed.notify_all()  # whoever waits for this stage may now be served

@@ -347,6 +347,24 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
 Helpers.wait_for = staticmethod(wait_for)
 
 
+def submit_each(address: str, round_id: str, key, pki, paths, weights, names, retry_for: float = 5.0) -> list:
+    """Every named site submits at once with its own certificate (``secagg.submit``, which runs a masked
+    round's stages itself); each one's Receipt, or the SecAggError it raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name, path, weight):
+        try:
+            return secagg.submit(address, round_id, key, name, path, weight, tls=pki.client(name), retry_for=retry_for)
+        except secagg.SecAggError as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        return [f.result() for f in [pool.submit(one, n, p, w) for n, p, w in zip(names, paths, weights)]]
+
+
+Helpers.submit_each = staticmethod(submit_each)
+
+
 # -- TLS certificates (secagg certs) --------------------------------------------------------------
 
 

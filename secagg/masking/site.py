@@ -74,6 +74,11 @@ def pair_sign(me: str, other: str) -> int:
     return 1 if me < other else -1
 
 
+def public_of(private: bytes) -> bytes:
+    """The raw X25519 public key of a raw private key (the aggregator checks a rebuilt key with it)."""
+    return _raw(X25519PrivateKey.from_private_bytes(private).public_key())
+
+
 def agree(private: bytes, public: bytes) -> bytes:
     """X25519 agreement from raw keys (the aggregator uses it on a dropped site's rebuilt key)."""
     return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
@@ -120,9 +125,9 @@ class MaskingSite:
         ids = [a.client_id for a in adverts]
         if len(set(ids)) != len(ids):
             raise MaskingError("the aggregator announced a cohort that lists a site twice; nothing was revealed")
-        mine = self.advertise()
+        mine = (_raw(self._enc.public_key()), _raw(self._mask.public_key()), commitment(self._seed))
         own = next((a for a in adverts if a.client_id == self.me), None)
-        if own is None or (own.enc_pk, own.mask_pk, own.commit) != (mine.enc_pk, mine.mask_pk, mine.commit):
+        if own is None or (own.enc_pk, own.mask_pk, own.commit) != mine:
             raise MaskingError(f"the aggregator's cohort does not carry this site's ({self.me!r}) own keys: it "
                                "replaced or dropped them; nothing was revealed")
         stray = sorted(set(ids) - set(self.enrolled)) if self.enrolled else []

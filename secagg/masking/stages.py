@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from secagg.contribution import Terms
-from secagg.errors import DuplicateSubmissionError, MaskingError, RoundStateError
+from secagg.contribution import Terms, check_signature
+from secagg.errors import AggregateCheckError, DuplicateSubmissionError, MaskingError, RoundStateError
 from secagg.masking import graph, shamir
 from secagg.masking.prg import MaskStream
 from secagg.masking.settings import MaskSettings
-from secagg.masking.site import agree, pair_context, pair_sign, self_context
+from secagg.masking.site import agree, pair_context, pair_sign, public_of, self_context
 from secagg.masking.statements import (
     Advertisement,
     SurvivorsSignature,
@@ -118,8 +118,7 @@ class MaskState:
 
     # -- posts ------------------------------------------------------------------------------------
 
-    def post(self, stage: str, client: str, payload: dict, terms: Terms, ca_pem: bytes | None,
-             enrolled: tuple[str, ...]) -> None:
+    def post(self, stage: str, client: str, payload: dict, terms: Terms, ca_pem: bytes | None) -> None:
         """Record one site's message for ``stage`` after the checks the aggregator can make; idempotent for a resend."""
         if stage != self.stage and self._resent(stage, client, payload):
             return  # a resend after a lost reply; the stage may have ended with it
@@ -131,8 +130,6 @@ class MaskState:
             ad = Advertisement.from_dict(payload)
             if ad.client_id != client:
                 raise MaskingError(f"an advertisement for {ad.client_id!r} posted by {client!r}")
-            if enrolled and client not in enrolled:
-                raise MaskingError(f"{client!r} is not enrolled in round {terms.round_id!r}")
             if ca_pem is None:
                 raise MaskingError("a masked round needs an aggregator under mutual TLS")
             ad.verify(terms, ca_pem)
@@ -159,9 +156,6 @@ class MaskState:
             if sig.client_id != client:
                 raise MaskingError(f"a survivors statement for {sig.client_id!r} posted by {client!r}")
             if ca_pem is not None:
-                from secagg.contribution import check_signature
-                from secagg.errors import AggregateCheckError
-
                 body = survivors_body(terms, client, self._cohort_digest(), self.survivors)
                 try:
                     check_signature(sig, body, ca_pem, what="survivors statement")
@@ -275,8 +269,6 @@ class MaskState:
                         f", minimum {self.min_clients})" + (f"; missing: {', '.join(missing)}" if missing else ""))
             if self.stage == SUBMIT:
                 self.survivors = sorted(accepted)
-            if self.stage == SHARE:  # only sites that shared may submit; their boxes to silent sites stay unread
-                pass
             self.stage = ORDER[ORDER.index(self.stage) + 1]
             self.stage_started = now
             self.pending.append({"stage": self.stage, "at": now,
@@ -314,12 +306,7 @@ class MaskState:
             key = self._rebuild(site, "sk", t, index, problems)
             if key is None:
                 continue
-            from cryptography.hazmat.primitives import serialization
-            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-            pub = X25519PrivateKey.from_private_bytes(key).public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            if pub != bytes.fromhex(self.adverts[site]["mask_pk"]):
+            if public_of(key) != bytes.fromhex(self.adverts[site]["mask_pk"]):
                 problems.append(f"{site}: its key shares do not rebuild its advertised key (a site sent a wrong share)")
                 continue
             for u in partners:

@@ -96,14 +96,13 @@ class _Upload:
 class Admission:
     """Slots for uploads and waits, and the idle watchdog of uploads. Thread-safe."""
 
-    def __init__(self, limits: Limits, on_idle=None) -> None:
+    def __init__(self, limits: Limits) -> None:
         limits.validate()
         self.limits = limits
         self._lock = threading.Lock()
         self._uploads = _Pool("uploads", limits.max_uploads, limits.per_client)
         self._waits = _Pool("waiting calls", limits.max_waits, limits.per_client)
         self._active: set[_Upload] = set()
-        self._on_idle = on_idle
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="secagg-upload-watchdog", daemon=True)
         self._watchdog.start()
@@ -150,8 +149,6 @@ class Admission:
             for u in idle:
                 # Cancelling the call wakes the handler blocked on the stream; its slot is released as it ends.
                 u.context.cancel()
-                if self._on_idle is not None:
-                    self._on_idle()
 
 
 class _Slot:

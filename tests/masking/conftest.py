@@ -60,7 +60,7 @@ class Played:
 
     def advertise(self, who=None) -> None:
         for name in who or self.names:
-            self.state.post("advertise", name, self.sites[name].advertise().to_dict(), self.terms, self.ca_pem, ())
+            self.state.post("advertise", name, self.sites[name].advertise().to_dict(), self.terms, self.ca_pem)
 
     def adverts(self, name: str) -> list[Advertisement]:
         return [Advertisement.from_dict(a) for a in self.state.view("advertise", name)["adverts"]]
@@ -69,7 +69,7 @@ class Played:
         for name in who or list(self.state.adverts):
             self.sites[name].join(self.adverts(name))
             boxes = self.sites[name].shares()
-            self.state.post("share", name, {"boxes": {k: v.hex() for k, v in boxes.items()}}, self.terms, self.ca_pem, ())
+            self.state.post("share", name, {"boxes": {k: v.hex() for k, v in boxes.items()}}, self.terms, self.ca_pem)
 
     def submit(self, who=None) -> None:
         for name in who or list(self.state.boxes):
@@ -82,7 +82,7 @@ class Played:
         survivors = self.state.view("submit", self.names[0])["survivors"]
         for name in who or survivors:
             sig = self.sites[name].sign_survivors(survivors)
-            self.state.post("confirm", name, sig.to_dict(), self.terms, self.ca_pem, ())
+            self.state.post("confirm", name, sig.to_dict(), self.terms, self.ca_pem)
 
     def unmask(self, who=None) -> None:
         from secagg.masking.statements import SurvivorsSignature
@@ -90,7 +90,7 @@ class Played:
         survivors = self.state.view("submit", self.names[0])["survivors"]
         sigs = [SurvivorsSignature.from_dict(s) for s in self.state.view("confirm", self.names[0])["signatures"]]
         for name in who or sorted(self.state.signatures):
-            self.state.post("unmask", name, self.sites[name].reveal(survivors, sigs), self.terms, self.ca_pem, ())
+            self.state.post("unmask", name, self.sites[name].reveal(survivors, sigs), self.terms, self.ca_pem)
 
     def masked_sum(self) -> list[np.ndarray]:
         q = np.uint64(Q)

@@ -23,26 +23,13 @@ def create(server, pki, template, n, round_id="m1", enroll=(), **kw):
                                enroll=list(enroll), masking=settings, tls=pki.client("admin"), **kw)
 
 
-def submit_all(server, keypair, pki, paths, weights, names, round_id="m1"):
-    """Every named site submits concurrently; returns each one's Receipt or the exception it raised."""
-    def one(name, path, w):
-        try:
-            return secagg.submit(server.address, round_id, keypair.client, name, path, w, tls=pki.client(name),
-                                 retry_for=5)
-        except SecAggError as exc:
-            return exc
-
-    with ThreadPoolExecutor(len(names)) as pool:
-        futures = [pool.submit(one, n, p, w) for n, p, w in zip(names, paths, weights)]
-        return [f.result() for f in futures]
-
-
-def test_masked_round_releases_the_exact_weighted_average(mtls_server, keypair, pki, npz_models, helpers, tmp_path):
+def test_masked_round_releases_the_exact_weighted_average(mtls_server, keypair, pki, npz_models, helpers):
     paths, tensors = npz_models(4)
     weights = [120.0, 37.0, 512.0, 300.0]
     status = create(mtls_server, pki, paths[0], 4)
     assert status.masking["stage_seconds"] == STAGE and status.stage == "advertise"
-    receipts = submit_all(mtls_server, keypair, pki, paths, weights, [f"site{i}" for i in range(4)])
+    receipts = helpers.submit_each(mtls_server.address, "m1", keypair.client, pki, paths, weights,
+                                   [f"site{i}" for i in range(4)])
     assert all(isinstance(r, secagg.Receipt) and r.masked for r in receipts), receipts
     # The masked update is as large as an unmasked one: the masks live inside c0 (8.0 bytes per real).
     assert all(abs(r.wire_bytes - receipts[0].wire_bytes) < 64 for r in receipts)
@@ -76,7 +63,8 @@ def test_a_dropout_at_any_stage_below_the_threshold_still_releases_the_survivors
     status = create(mtls_server, pki, paths[0], 5, enroll=names, min_clients=3)
     with ThreadPoolExecutor(1) as pool:
         gone = pool.submit(_run_partial, mtls_server, keypair, pki, "site4", "m1", drop_at) if drop_at != "never" else None
-        receipts = submit_all(mtls_server, keypair, pki, paths[:4], [1.0] * 4, names[:4])
+        receipts = helpers.submit_each(mtls_server.address, "m1", keypair.client, pki, paths[:4], [1.0] * 4,
+                                       names[:4])
         if gone is not None:
             gone.result()
     assert all(isinstance(r, secagg.Receipt) for r in receipts), receipts
@@ -87,11 +75,11 @@ def test_a_dropout_at_any_stage_below_the_threshold_still_releases_the_survivors
     assert np.max(np.abs(avg.vector - want)) <= helpers.release_tolerance(status, tensors[:4], [1.0] * 4, strict=False)
 
 
-def test_too_many_dropouts_fail_the_round_naming_who_is_missing(mtls_server, keypair, pki, npz_models):
+def test_too_many_dropouts_fail_the_round_naming_who_is_missing(mtls_server, keypair, pki, npz_models, helpers):
     paths, _ = npz_models(4)
     names = [f"site{i}" for i in range(4)]
     create(mtls_server, pki, paths[0], 4, enroll=names)  # threshold 3: two missing sites are too many
-    receipts = submit_all(mtls_server, keypair, pki, paths[:2], [1.0, 1.0], names[:2])
+    receipts = helpers.submit_each(mtls_server.address, "m1", keypair.client, pki, paths[:2], [1.0, 1.0], names[:2])
     assert all(isinstance(r, RoundStateError) for r in receipts), receipts
     assert all("advertise stage ended" in str(r) and "missing: site2, site3" in str(r) for r in receipts)
     s = secagg.round_status(mtls_server.address, "m1", tls=pki.client("site0"))

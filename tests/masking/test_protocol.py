@@ -135,7 +135,7 @@ def test_substituted_advertisement_is_refused(played, site_pki):
     with pytest.raises(MaskingError):
         p.state.adverts.pop("site1")
         p.state.stage = "advertise"
-        p.state.post("advertise", "site1", fake.to_dict(), p.terms, p.ca_pem, ())
+        p.state.post("advertise", "site1", fake.to_dict(), p.terms, p.ca_pem)
 
 
 def test_own_keys_replaced_or_relayed_shares_altered_are_refused(played):

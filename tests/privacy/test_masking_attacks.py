@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -33,17 +32,6 @@ STAGE = 8.0
 def _create(srv, pki, template, n, round_id="m1", min_clients=None):
     return secagg.create_round(srv.address, round_id, template=template, clients=n, min_clients=min_clients,
                                max_weight=512.0, masking=MaskSettings(stage_seconds=STAGE), tls=pki.client("admin"))
-
-
-def _submit_all(srv, keypair, pki, paths, weights, names, round_id="m1"):
-    def one(name, path, w):
-        try:
-            return secagg.submit(srv.address, round_id, keypair.client, name, path, w, tls=pki.client(name), retry_for=5)
-        except SecAggError as exc:
-            return exc
-
-    with ThreadPoolExecutor(len(names)) as pool:
-        return [f.result() for f in [pool.submit(one, n, p, w) for n, p, w in zip(names, paths, weights)]]
 
 
 @pytest.fixture
@@ -73,7 +61,7 @@ def test_aggregator_with_one_site_cannot_decrypt_a_single_update(malicious_serve
     weights = [120.0, 37.0, 512.0, 300.0]
     names = ["site0", "site1", "site2", "site3"]
     status = _create(srv, pki, paths[0], 4)
-    receipts = _submit_all(srv, keypair, pki, paths, weights, names)
+    receipts = helpers.submit_each(srv.address, "m1", keypair.client, pki, paths, weights, names)
     assert all(isinstance(r, secagg.Receipt) for r in receipts), receipts
     seen_status = secagg.round_status(srv.address, "m1", tls=pki.client("site0"))
     assert seen_status.state == "closed"
@@ -114,7 +102,7 @@ def test_different_survivor_sets_for_different_sites_are_detected(malicious_serv
     srv, malice = malicious_server(tls=pki.server_tls())
     # This aggregator does not check the statements it relays (an honest one refuses a signature over
     # another set of survivors): only the sites' own checks stand between it and the shares.
-    monkeypatch.setattr("secagg.contribution.check_signature", lambda *a, **k: None)
+    monkeypatch.setattr("secagg.masking.stages.check_signature", lambda *a, **k: None)
     reveals = []
 
     def lie(caller, request, reply):
@@ -129,7 +117,8 @@ def test_different_survivor_sets_for_different_sites_are_detected(malicious_serv
     malice.mask = lie
     paths, _ = npz_models(4)
     _create(srv, pki, paths[0], 4, min_clients=3)  # a 3-site sum is acceptable: site3 signs the smaller set
-    results = _submit_all(srv, keypair, pki, paths, [1.0] * 4, ["site0", "site1", "site2", "site3"])
+    results = helpers.submit_each(srv.address, "m1", keypair.client, pki, paths, [1.0] * 4,
+                                  ["site0", "site1", "site2", "site3"])
     # site3 signs the set it was shown and finds the others signed another; they find site3's signature
     # does not fit theirs: every site refuses, nobody reveals a share.
     assert all(isinstance(r, MaskingError) and "different sets of survivors" in str(r) for r in results), results
@@ -140,7 +129,8 @@ def test_different_survivor_sets_for_different_sites_are_detected(malicious_serv
     assert "unmask stage" in status().reason
 
 
-def test_keys_substituted_by_the_aggregator_with_one_site_are_detected(malicious_server, keypair, pki, npz_models):
+def test_keys_substituted_by_the_aggregator_with_one_site_are_detected(malicious_server, keypair, pki, npz_models,
+                                                                      helpers):
     srv, malice = malicious_server(tls=pki.server_tls())
     relayed = []
 
@@ -160,7 +150,8 @@ def test_keys_substituted_by_the_aggregator_with_one_site_are_detected(malicious
     malice.mask = swap
     paths, _ = npz_models(4)
     _create(srv, pki, paths[0], 4)
-    results = _submit_all(srv, keypair, pki, paths, [1.0] * 4, ["site0", "site1", "site2", "site3"])
+    results = helpers.submit_each(srv.address, "m1", keypair.client, pki, paths, [1.0] * 4,
+                                  ["site0", "site1", "site2", "site3"])
     for name, r in zip(["site0", "site1", "site2", "site3"], results):
         if name in ("site0", "site3"):
             assert isinstance(r, MaskingError) and "advertisement does not verify" in str(r), (name, r)

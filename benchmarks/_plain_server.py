@@ -27,7 +27,8 @@ from secagg.envelope import MAX_MESSAGE_BYTES, ChunkValidator, Header
 from secagg.errors import SecAggError
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
-from secagg.transport.server import chunk_from_pb
+from secagg.transport.allocator import tune_malloc
+from secagg.transport.server import add_servicer
 
 VALUES_PER_BLOB = 8192  # float32 values per blob, like the 8192 reals per secagg ciphertext
 
@@ -45,7 +46,7 @@ class PlainServicer(pb_grpc.AggregatorServicer):
 
     def Submit(self, request_iterator, context):
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or first.header is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update must start with its header")
         h = first.header
         header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks, h.digest,
@@ -60,7 +61,9 @@ class PlainServicer(pb_grpc.AggregatorServicer):
             # A real server would add into a scratch buffer and commit after the digest check; the
             # benchmark adds in place (same arithmetic work, no second buffer).
             for msg in request_iterator:
-                for blob, _ in validator.accept(chunk_from_pb(msg.chunk)):
+                if msg.chunk is None:
+                    raise SecAggError(msg.error or "a second header inside an update")
+                for blob, _ in validator.accept(msg.chunk):
                     values = np.frombuffer(blob, dtype="<f4")
                     total[pos : pos + values.size] += values
                     pos += values.size
@@ -82,7 +85,8 @@ def main() -> int:
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
-    pb_grpc.add_AggregatorServicer_to_server(PlainServicer(), server)
+    tune_malloc()  # the same allocator settings and zero-copy message reader as secagg serve
+    add_servicer(PlainServicer(), server)
     port = server.add_insecure_port(args.listen)
     if port == 0:
         print(f"plain: cannot listen on {args.listen}", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from secagg.config import add_serve_options
 from secagg.errors import SecAggError
 from secagg.transport.admission import Limits
+from secagg.transport.allocator import tune_malloc
 
 if TYPE_CHECKING:
     from secagg.config import ServeSettings
@@ -476,27 +477,6 @@ def _server_tls(args: ServeSettings) -> ServerTLS | None:
     return ServerTLS(args.tls_cert, args.tls_key, args.tls_ca)
 
 
-def _few_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas before the aggregator's worker threads start.
-
-    By default glibc gives each thread that allocates its own arena and keeps freed memory there, so
-    the aggregator's resident memory grew with every worker that ever handled an upload (measured
-    with 24 clients of 1M parameters, one upload at a time: +50 MiB, against +24 MiB with 2 arenas);
-    README, "Limits under load". MALLOC_ARENA_MAX set by the operator wins.
-    """
-    import ctypes
-    import ctypes.util
-    import os
-
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to cap
-        pass
-
-
 def _serve(args: argparse.Namespace) -> None:
     """``secagg serve``: settings from flags, SECAGG_* variables and --config, then serve until SIGTERM or ^C."""
     import os
@@ -506,7 +486,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = config.resolve(vars(args), os.environ)
     logs.configure(settings.log_format, settings.log_level)
-    _few_malloc_arenas()
+    tune_malloc()
     server = secagg.serve(settings.key, settings.listen, settings.state_dir, min_cohort=settings.min_cohort,
                           max_params=settings.max_params,
                           epsilon_budget=settings.epsilon_budget, delta=settings.delta, tls=_server_tls(settings),

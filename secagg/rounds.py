@@ -522,8 +522,11 @@ class Aggregator(MaskedRounds):
                                          "contribution": header.contribution.to_dict()})
         try:
             for chunk in chunks:
-                writer.write(c0 + seed for c0, seed in validator.accept(chunk))
+                writer.write(validator.accept(chunk))
             validator.finish()
+            # Durable before it counts; synced outside the round's lock, so that other uploads to the
+            # round are not held up while the disk writes this one (_accept's rename makes the name durable).
+            writer.sync()
             return self._accept(rnd, header, writer)
         finally:
             writer.discard()
@@ -594,7 +597,6 @@ class Aggregator(MaskedRounds):
             self._apply_deadline(rnd)
             if self._check_open(rnd, header):
                 return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), True)
-            writer.commit(writer.tmp_path)  # make the bytes durable before they count
             self._add_update(rnd, writer.tmp_path, header.client_id, header.contribution)
             final = rnd.accepted_dir / header.client_id
             try:
@@ -619,7 +621,7 @@ class Aggregator(MaskedRounds):
         added = 0
         seeds = bytearray()
         try:
-            for i, blob in enumerate(store.iter_blobs(path)):
+            for i, blob in enumerate(store.iter_blobs(path, reuse=True)):
                 if i >= rnd.config.num_ciphertexts or len(blob) != size + SEED_BYTES:
                     raise CiphertextError(f"ciphertext {i} has the wrong size for this round")
                 rnd.sum.add(i, parse_c0(params, blob[:size]))
@@ -640,7 +642,7 @@ class Aggregator(MaskedRounds):
 
     def _subtract_first(self, rnd: _Round, path: Path, count: int) -> None:
         size = c0_bytes(self.key.parameters)
-        for i, blob in enumerate(store.iter_blobs(path)):
+        for i, blob in enumerate(store.iter_blobs(path, reuse=True)):
             if i >= count:
                 break
             rnd.sum.subtract(i, parse_c0(self.key.parameters, blob[:size]))

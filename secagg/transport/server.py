@@ -34,6 +34,7 @@ from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.admission import Admission, Limits
 from secagg.transport.auth import Authorizer, Identity
 from secagg.transport.status import abort
+from secagg.transport.submit_wire import SubmitMessage, parse_submit_message
 from secagg.transport.tls import ServerTLS
 
 log = logging.getLogger("secagg.server")
@@ -194,8 +195,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def _submit(self, slot, context, ids: dict[str, str]):
         messages = self._counted(slot.messages())
         first = next(messages, None)
-        if first is None or first.WhichOneof("kind") != "header":
-            raise EnvelopeError("an update must start with its header; use the secagg client to submit")
+        if first is None or first.header is None:
+            raise EnvelopeError(first.error if first is not None and first.error else
+                                "an update must start with its header; use the secagg client to submit")
         h = first.header
         header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks,
                         h.digest, record_from_pb(h.contribution) if h.HasField("contribution") else None,
@@ -208,17 +210,19 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return pb.SubmitReply(round_id=result.round_id, client_id=result.client_id, submitted=result.submitted,
                               already_accepted=result.already_accepted)
 
-    def _counted(self, messages: Iterator[pb.SubmitMessage]) -> Iterator[pb.SubmitMessage]:
+    def _counted(self, messages: Iterator[SubmitMessage]) -> Iterator[SubmitMessage]:
         for msg in messages:
-            self.metrics.received_bytes.inc(msg.ByteSize())
+            self.metrics.received_bytes.inc(msg.wire_bytes)
             yield msg
 
     @staticmethod
-    def _chunks(messages, context) -> Iterator[Chunk]:
+    def _chunks(messages: Iterator[SubmitMessage], context) -> Iterator[Chunk]:
         for msg in messages:
-            if msg.WhichOneof("kind") != "chunk":
+            if msg.error:
+                raise EnvelopeError(msg.error)
+            if msg.chunk is None:
                 raise EnvelopeError("a second header arrived inside an update; send one update per call")
-            yield chunk_from_pb(msg.chunk)
+            yield msg.chunk
         # gRPC ends the request stream quietly at a message it cannot parse (it has already answered
         # INTERNAL): the chunks before it must not be accepted as a complete update.
         if not context.is_active():
@@ -308,7 +312,7 @@ class Server:
         self.mutual_tls = tls is not None and tls.mutual
         self.metrics.count_open_rounds(core.open_rounds)
         servicer = AggregatorServicer(core, Authorizer(self.mutual_tls), self.metrics, self.admission)
-        pb_grpc.add_AggregatorServicer_to_server(servicer, self._grpc)
+        add_servicer(servicer, self._grpc)
         # Health answers without a caller check: it tells nothing but up or down.
         self.health = health.HealthServicer()
         for service in ("", AGGREGATOR_SERVICE):
@@ -392,6 +396,28 @@ class Server:
 
 #: Receive window per stream (see _grpc_server).
 STREAM_WINDOW_BYTES = 1 << 20
+
+
+class _Handlers:
+    """Stands in for a server to collect the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_servicer(servicer: pb_grpc.AggregatorServicer, server: grpc.Server) -> None:
+    """Register the generated handlers, except that Submit's messages are read by :mod:`submit_wire` (no copies)."""
+    collected = _Handlers()
+    pb_grpc.add_AggregatorServicer_to_server(servicer, collected)
+    handlers = collected.handlers
+    handlers["Submit"] = grpc.stream_unary_rpc_method_handler(
+        servicer.Submit, request_deserializer=parse_submit_message,
+        response_serializer=pb.SubmitReply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AGGREGATOR_SERVICE, handlers),))
+    server.add_registered_method_handlers(AGGREGATOR_SERVICE, handlers)
 
 
 def _grpc_server(max_workers: int) -> grpc.Server:

@@ -28,7 +28,7 @@ from secagg.errors import SecAggError
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.allocator import tune_malloc
-from secagg.transport.server import add_servicer
+from secagg.transport.server import ADMITTED_KEY, add_servicer
 
 VALUES_PER_BLOB = 8192  # float32 values per blob, like the 8192 reals per secagg ciphertext
 
@@ -45,6 +45,7 @@ class PlainServicer(pb_grpc.AggregatorServicer):
         return pb.ServerInfo(format_version=1)
 
     def Submit(self, request_iterator, context):
+        context.send_initial_metadata(((ADMITTED_KEY, "1"),))  # the secagg client streams its chunks after it
         first = next(request_iterator, None)
         if first is None or first.header is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update must start with its header")

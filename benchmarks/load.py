@@ -301,6 +301,8 @@ def run_phase(ctx, tmp: Path, paths, mode: str, repeat: int, clients: int, worke
         "server_growth_mb": mb(peak_close_kb - idle_kb),
         "server_cpu_seconds": extra["server_cpu_seconds"],
         "server_cpu_ms_per_submission": 1e3 * extra["server_cpu_seconds"] / clients,
+        # CPU seconds per wall second while the clients sent: how many cores the aggregator kept busy.
+        "server_cores_used": extra["server_cpu_seconds"] / round_seconds,
     }
     if mode == "api":
         out["encrypt_seconds_median"] = statistics.median(r["encrypt_seconds"] for r in ok) if ok else None
@@ -337,6 +339,7 @@ def render_table(summary: dict, phases: list[str], clients: int, n: int, repeats
         ("uploads refused as busy, then resent", lambda s: fmt(s["busy_retries"], ".0f")),
         ("client encrypt s, median (api only)", lambda s: fmt(s.get("encrypt_seconds_median"), ".3f")),
         ("aggregator CPU ms per submission", lambda s: fmt(s["server_cpu_ms_per_submission"], ".1f")),
+        ("aggregator cores used (CPU s / wall s)", lambda s: fmt(s["server_cores_used"], ".2f")),
         ("aggregator idle RSS MB", lambda s: fmt(s["server_idle_rss_mb"], ".0f")),
         ("aggregator peak RSS MB (VmHWM at close)", lambda s: fmt(s["server_peak_rss_mb"], ".0f")),
         ("  peak / idle", lambda s: fmt(s["peak_over_idle"], ".2f") + "x"),
@@ -410,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     for ph, rs in runs.items():
         s = {key: med(rs, key) for key in (
             "round_seconds", "submissions_per_s", "mb_per_s", "latency_median_s", "latency_p95_s", "latency_p99_s",
-            "busy_retries", "server_cpu_ms_per_submission", "server_idle_rss_mb", "server_peak_rss_mb",
+            "busy_retries", "server_cpu_ms_per_submission", "server_cores_used", "server_idle_rss_mb",
+            "server_peak_rss_mb",
             "server_peak_rss_after_fetch_mb", "server_growth_mb", "fetch_seconds", "encrypt_seconds_median",
             "send_seconds_median", "client_process_peak_rss_mb_median", "wire_bytes_per_submission")}
         s["runs"] = len(rs)

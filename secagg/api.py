@@ -23,6 +23,7 @@ from secagg.errors import (
     KeyFileError,
     OverflowRiskError,
     PrivacyError,
+    RoundExistsError,
     RoundStateError,
     SecAggError,
     TransportError,
@@ -109,6 +110,7 @@ def create_round(
     *,
     masking: MaskSettings | None = None,
     tls: ClientTLS | None = None,
+    retry_for: float = 60.0,
 ) -> RoundStatus:
     """Create a round for the template's architecture. Only names, shapes, dtypes and layer types are sent.
 
@@ -120,6 +122,8 @@ def create_round(
     the clients allowed to submit (empty: any). ``masking``: pairwise masking under the encryption
     (:mod:`secagg.masking`): no coalition of the aggregator with fewer than the threshold of sites can
     read a site's update; needs mutual TLS, and no ``deadline`` (each stage is timed instead).
+    For ``retry_for`` seconds the aggregator may be unreachable (as for every call of this module); a
+    retry that finds the round created by its own earlier attempt (whose reply was lost) returns it.
     """
     # The aggregator checks the limits; negative numbers cannot even travel in the request's unsigned fields.
     for option, value in (("--clients", clients), ("--min-clients", min_clients or 0)):
@@ -139,37 +143,69 @@ def create_round(
         dp_json=json.dumps(dp.to_dict()) if dp else "", enrolled=list(enroll),
         masking_json=json.dumps(masking.to_dict()) if masking is not None else "",
     )
+    attempts = 0
+
+    def create() -> RoundStatus:
+        nonlocal attempts
+        attempts += 1
+        try:
+            return client.create_round(request)[0]
+        except RoundExistsError:
+            if attempts == 1:
+                raise
+            mine = client.status(round_id)[0]  # an earlier attempt may have created it before its reply was lost
+            if (mine.spec_hash, mine.expected) != (spec.hash, clients):
+                raise
+            return mine
+
     with AggregatorClient(server, tls=tls) as client:
-        return client.create_round(request)[0]
+        return _with_retries(create, retry_for, transient_only=True)
 
 
-def round_status(server: str, round_id: str, *, tls: ClientTLS | None = None) -> RoundStatus:
+def round_status(server: str, round_id: str, *, tls: ClientTLS | None = None, retry_for: float = 60.0) -> RoundStatus:
     """The round's state, number of submissions and who submitted."""
     with AggregatorClient(server, tls=tls) as client:
-        return client.status(round_id)[0]
+        return _with_retries(lambda: client.status(round_id)[0], retry_for, transient_only=True)
 
 
-def round_spec(server: str, round_id: str, *, tls: ClientTLS | None = None) -> ModelSpec:
+def round_spec(server: str, round_id: str, *, tls: ClientTLS | None = None, retry_for: float = 60.0) -> ModelSpec:
     """The architecture the round was created for (tensor names, shapes, dtypes, layer types; no values)."""
     with AggregatorClient(server, tls=tls) as client:
-        return ModelSpec.from_json(client.status(round_id)[1])
+        return ModelSpec.from_json(_with_retries(lambda: client.status(round_id)[1], retry_for, transient_only=True))
 
 
-def cancel_round(server: str, round_id: str, reason: str = "", *, tls: ClientTLS | None = None) -> RoundStatus:
+def cancel_round(server: str, round_id: str, reason: str = "", *, tls: ClientTLS | None = None,
+                 retry_for: float = 60.0) -> RoundStatus:
     """Cancel a collecting round that can never complete; it fails with the reason ``cancelled: <reason>``.
 
     Its accepted updates are deleted and whoever waits to fetch it gets a :class:`RoundStateError`
     with that reason. Under mutual TLS this needs an admin certificate. A closed or failed round
-    cannot be cancelled (``RoundStateError``).
+    cannot be cancelled (``RoundStateError``); a retry that finds the round cancelled by its own
+    earlier attempt (whose reply was lost) returns its status.
     """
+    attempts = 0
+
+    def cancel() -> RoundStatus:
+        nonlocal attempts
+        attempts += 1
+        try:
+            return client.cancel_round(round_id, reason)
+        except RoundStateError:
+            if attempts == 1:
+                raise
+            now = client.status(round_id)[0]
+            if not (now.state == "failed" and now.reason.startswith("cancelled: ")):
+                raise
+            return now
+
     with AggregatorClient(server, tls=tls) as client:
-        return client.cancel_round(round_id, reason)
+        return _with_retries(cancel, retry_for, transient_only=True)
 
 
-def list_rounds(server: str, *, tls: ClientTLS | None = None) -> list[RoundSummary]:
+def list_rounds(server: str, *, tls: ClientTLS | None = None, retry_for: float = 60.0) -> list[RoundSummary]:
     """Every round the aggregator holds, oldest first: id, state, submitted/expected, creation time, reason."""
     with AggregatorClient(server, tls=tls) as client:
-        return client.list_rounds()
+        return _with_retries(client.list_rounds, retry_for, transient_only=True)
 
 
 def submit(

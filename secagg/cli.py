@@ -202,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
                          description="Print {\"rounds\": [...]}: every round's id, state, submitted, expected, "
                                      "created_unix and reason, oldest first.")
     _server_round(rl, round_id=False)
+    for admin in (rc, rs, rx, rl):
+        admin.add_argument("--retry-for", type=float, default=60.0, metavar="SECONDS",
+                           help="keep trying to reach the aggregator this long, e.g. while it starts (default 60)")
 
     sm = sub.add_parser("submit", help="encrypt a model and submit it to a round", epilog=EPILOG,
                         description="Encrypt MODEL under the federation key and submit it. The weight travels encrypted.")
@@ -536,16 +539,16 @@ def _run(args: argparse.Namespace) -> int:
         enroll = [c.strip() for c in args.enroll.split(",") if c.strip()] if args.enroll else []
         status = secagg.create_round(args.server, args.round, args.template, args.clients, args.min_clients,
                                      args.deadline, args.max_weight, args.value_bound, dp=dp, enroll=enroll,
-                                     masking=_masking(args), tls=_client_tls(args))
+                                     masking=_masking(args), tls=_client_tls(args), retry_for=args.retry_for)
         print(json.dumps(status.to_json_dict()))
     elif args.command == "round" and args.round_command == "cancel":
-        s = secagg.cancel_round(args.server, args.round, args.reason, tls=_client_tls(args))
+        s = secagg.cancel_round(args.server, args.round, args.reason, tls=_client_tls(args), retry_for=args.retry_for)
         print(json.dumps(s.to_json_dict()))
     elif args.command == "round" and args.round_command == "list":
-        rounds = secagg.list_rounds(args.server, tls=_client_tls(args))
+        rounds = secagg.list_rounds(args.server, tls=_client_tls(args), retry_for=args.retry_for)
         print(json.dumps({"rounds": [r.to_json_dict() for r in rounds]}))
     elif args.command == "round":
-        s = secagg.round_status(args.server, args.round, tls=_client_tls(args))
+        s = secagg.round_status(args.server, args.round, tls=_client_tls(args), retry_for=args.retry_for)
         print(json.dumps(s.to_json_dict()))
     elif args.command == "submit":
         r = secagg.submit(args.server, args.round, args.key, args.client_id, args.model, args.weight,

@@ -329,7 +329,8 @@ def test_errors_are_one_line(cli, serve_process, keypair, other_keypair, npz_mod
     assert (s["state"], s["submitted"], s["expected"], s["clients"]) == ("collecting", 1, 2, ["x"])
 
     # An aggregator that is not there, and aggregators that cannot start.
-    one_line_error(cli("round", "status", "--server", "127.0.0.1:1", "--round", "r1"), "cannot reach the aggregator")
+    one_line_error(cli("round", "status", "--server", "127.0.0.1:1", "--round", "r1", "--retry-for", "0"),
+                   "cannot reach the aggregator")
     one_line_error(cli("serve", "--key", ck, "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "s2")),
                    "give the aggregator server.key instead")
     one_line_error(cli("serve", "--key", str(other_keypair.server), "--listen", "127.0.0.1:0",

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import secagg
-from secagg.errors import AuthError, RoundNotFoundError, RoundStateError, TransportError
+from secagg.errors import AuthError, RoundExistsError, RoundNotFoundError, RoundStateError, TransportError
 from secagg.packing import ModelSpec
 from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus
 from secagg.transport.client import AggregatorClient
@@ -230,6 +230,72 @@ def test_submit_and_fetch_started_before_the_aggregator(serve_process, server_ke
                                     tensors, [3.0])
     helpers.assert_close_to_average(secagg.read_model(tmp_path / "global.npz"),
                                     helpers.weighted_average(tensors, [3.0]), atol=tol, template=tensors[0])
+
+
+def test_admin_commands_started_before_the_aggregator(serve_process, keypair, npz_models, tmp_path, cli_popen):
+    """README: every command keeps trying while the aggregator is unreachable, round administration included
+    (a compose file or script that starts the admin beside the aggregator)."""
+    paths, _ = npz_models(1)
+    address = f"127.0.0.1:{_free_port()}"
+    create = cli_popen("round", "create", "--server", address, "--round", "early", "--clients", "3",
+                       "--template", str(paths[0]))
+    listing = cli_popen("round", "list", "--server", address)
+    try:
+        threading.Event().wait(3.0)
+        assert create.poll() is None and listing.poll() is None  # still trying: nothing listens yet
+        serve_process(tmp_path / "state", listen=address)
+    finally:
+        created, listed = _finish(create), _finish(listing)
+    assert created.returncode == 0, created.stderr
+    assert (json.loads(created.stdout)["round_id"], json.loads(created.stdout)["state"]) == ("early", "collecting")
+    assert listed.returncode == 0, listed.stderr
+    assert all(r["round_id"] == "early" for r in json.loads(listed.stdout)["rounds"])
+
+
+def test_a_create_or_cancel_whose_reply_was_lost_is_not_an_error(server, npz_models, monkeypatch):
+    """A retried create or cancel that finds its own earlier attempt done returns it; anything else stays an error."""
+    paths, _ = npz_models(1)
+    monkeypatch.setattr(secagg.api.time, "sleep", lambda seconds: None)
+    real_create, real_cancel = AggregatorClient.create_round, AggregatorClient.cancel_round
+    lost: list[str] = []
+
+    def create_reply_lost(self, request):
+        reply = real_create(self, request)
+        if request.round_id not in lost:
+            lost.append(request.round_id)
+            raise TransportError("the connection broke before the reply arrived")
+        return reply
+
+    def cancel_reply_lost(self, round_id, reason):
+        reply = real_cancel(self, round_id, reason)
+        if round_id not in lost:
+            lost.append(round_id)
+            raise TransportError("the connection broke before the reply arrived")
+        return reply
+
+    monkeypatch.setattr(AggregatorClient, "create_round", create_reply_lost)
+    status = secagg.create_round(server.address, "lost-reply", paths[0], clients=2)
+    assert (status.round_id, status.state, status.expected, lost) == ("lost-reply", "collecting", 2, ["lost-reply"])
+    # The same id with other settings is another round: refused, on a first attempt and on a retry alike.
+    with pytest.raises(RoundExistsError):
+        secagg.create_round(server.address, "lost-reply", paths[0], clients=3)
+
+    def create_never_arrives(self, request):
+        if request.round_id not in lost:
+            lost.append(request.round_id)
+            raise TransportError("nothing answered")
+        return real_create(self, request)
+
+    secagg.create_round(server.address, "taken", paths[0], clients=3)
+    monkeypatch.setattr(AggregatorClient, "create_round", create_never_arrives)
+    with pytest.raises(RoundExistsError):
+        secagg.create_round(server.address, "taken", paths[0], clients=2)
+
+    monkeypatch.setattr(AggregatorClient, "cancel_round", cancel_reply_lost)
+    cancelled = secagg.cancel_round(server.address, "lost-reply", "operator")
+    assert cancelled.state == "failed" and cancelled.reason.startswith("cancelled: operator")
+    with pytest.raises(RoundStateError):  # a second cancel, not a retry, still says the round is not collecting
+        secagg.cancel_round(server.address, "lost-reply", "again")
 
 
 def test_errors_that_cannot_heal_are_not_retried(monkeypatch, mtls_server, server, keypair, pki, npz_models):

@@ -112,3 +112,54 @@ def test_limits_count_per_client_and_release_slots():
 
 def test_busy_error_is_retried_by_the_client():
     assert issubclass(BusyError, secagg.errors.TransportError) and BusyError("x").transient
+
+
+def test_an_upload_sends_its_chunks_only_once_admitted(keypair, npz_models, helpers, tmp_path, monkeypatch):
+    """A refused upload costs the aggregator its header, not a receive window of chunks it would drop:
+    the client pulls no chunk from the update until the aggregator has admitted the upload. The
+    aggregator here takes a second to decide, so a client that did not wait would pull chunks meanwhile."""
+    import time
+
+    from secagg.transport.client import AggregatorClient
+    from secagg.updates import seal_update
+
+    srv = secagg.serve(keypair.server, "127.0.0.1:0", tmp_path / "state",
+                       limits=Limits(max_uploads=1, max_waits=4, per_client=1, idle_seconds=30))
+    futures, release, chans = [], threading.Event(), []
+    paths, _ = npz_models(1)
+    try:
+        status = secagg.create_round(srv.address, "r1", template=paths[0], clients=3)
+        key = secagg.load_client_key(keypair.client)
+        update = seal_update(key, status, "site0", np.random.default_rng(0).normal(0, 0.05, status.num_params), 1.0)
+        pulled: list[int] = []
+        pulled_before_admission: list[int] = []
+        admit = srv.admission.upload
+
+        def slow_admission(*args, **kwargs):
+            time.sleep(1.0)
+            slot = admit(*args, **kwargs)  # raises BusyError when the slot is taken
+            pulled_before_admission.append(len(pulled))
+            return slot
+
+        def counted():
+            for chunk in update.chunks:
+                pulled.append(chunk.index)
+                yield chunk
+
+        futures, release, chans = silent_streams(srv.address, 1)  # holds the only upload slot
+        assert helpers.wait_for(lambda: srv.admission.uploads == 1, timeout=10)
+        monkeypatch.setattr(srv.admission, "upload", slow_admission)
+        with AggregatorClient(srv.address) as client:
+            with pytest.raises(BusyError):
+                client.submit(update.header, counted())
+            assert pulled == []
+            release.set()  # the silent stream ends; its slot is free again
+            assert helpers.wait_for(lambda: srv.admission.uploads == 0, timeout=10)
+            reply = client.submit(update.header, counted())
+        assert reply.submitted == 1 and pulled == [c.index for c in update.chunks]
+        assert pulled_before_admission == [0]
+    finally:
+        release.set()
+        for ch in chans:
+            ch.close()
+        srv.stop(0)

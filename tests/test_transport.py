@@ -435,6 +435,6 @@ def test_unreachable_server_is_a_transport_error(keypair, npz_models):
     address = srv.address
     srv.stop(0)
     with pytest.raises(TransportError, match=f"cannot reach the aggregator at {address}"):
-        secagg.round_status(address, "r1")
+        secagg.round_status(address, "r1", retry_for=0)
     with pytest.raises(TransportError):
         secagg.submit(address, "r1", keypair.client, "a", paths[0], retry_for=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -12,9 +13,13 @@ from secagg.errors import SecAggError
 from secagg.rounds import RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
-from secagg.transport.server import chunk_from_pb, chunk_to_pb, record_to_pb
+from secagg.transport.server import ADMITTED_KEY, chunk_from_pb, chunk_to_pb, record_to_pb
 from secagg.transport.status import error_from_rpc
 from secagg.transport.tls import ClientTLS, handshake_hint
+
+# How long an upload waits for the aggregator to admit it before sending anyway (an aggregator older
+# than this client never says so; it waits for the first chunk up to its idle timeout, 30 s).
+ADMISSION_WAIT_SECONDS = 10.0
 
 
 def status_from_pb(s: pb.RoundStatus) -> RoundStatus:
@@ -99,16 +104,40 @@ class AggregatorClient:
         return [summary_from_pb(s) for s in reply.rounds]
 
     def submit(self, header: Header, chunks: Iterable[Chunk]) -> pb.SubmitReply:
+        """Stream one update: its header, then (once the aggregator has admitted the upload) its chunks."""
+        decided = threading.Event()
+        send_chunks: list[bool] = []  # empty while undecided; then [True] (admitted) or [False] (refused)
+
         def messages() -> Iterator[pb.SubmitMessage]:
             yield pb.SubmitMessage(header=pb.UpdateHeader(
                 format_version=header.format_version, round_id=header.round_id, client_id=header.client_id,
                 key_id=header.key_id, spec_hash=header.spec_hash, num_ciphertexts=header.num_ciphertexts,
                 num_chunks=header.num_chunks, digest=header.digest, contribution=record_to_pb(header.contribution),
             ))
+            # The aggregator answers an admitted upload with its initial metadata at once, and refuses one
+            # beyond its limits before reading it: sending nothing more until then keeps a refused upload
+            # from filling the aggregator's receive window (1 MiB per stream) with data it will drop.
+            decided.wait(ADMISSION_WAIT_SECONDS)
+            if send_chunks == [False]:
+                return
             for c in chunks:
                 yield pb.SubmitMessage(chunk=chunk_to_pb(c))
 
-        return self._call(self._stub.Submit, messages())
+        call = self._stub.Submit.future(messages(), timeout=self.timeout)
+        try:
+            metadata = dict(call.initial_metadata() or ())  # once admitted, or once the call has ended
+            send_chunks.append(ADMITTED_KEY in metadata or not call.done())
+            decided.set()
+            return call.result()
+        except grpc.RpcError as err:
+            raise self._error(err) from None
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            if not send_chunks:
+                send_chunks.append(False)
+            decided.set()
 
     def mask_stage(self, round_id: str, client_id: str, stage: str, payload: dict | None,
                    wait: float) -> tuple[bool, dict, str]:

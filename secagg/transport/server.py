@@ -39,6 +39,7 @@ from secagg.transport.tls import ServerTLS
 
 log = logging.getLogger("secagg.server")
 MAX_FETCH_WAIT = 30.0
+ADMITTED_KEY = "secagg-admitted"  # initial metadata of an upload the aggregator has admitted
 AGGREGATOR_SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name  # "secagg.v1.Aggregator"
 
 
@@ -180,6 +181,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             _, name = self._identify(context)  # before reading anything of the update
             slot = self.admission.upload(name, context, request_iterator)
             with slot:
+                # Admitted: tell the client at once (it sends its chunks only then; secagg.transport.client).
+                context.send_initial_metadata(((ADMITTED_KEY, "1"),))
                 return self._submit(slot, context, ids)
         except SecAggError as exc:
             self.metrics.refused.labels(self.metrics.reason(exc)).inc()

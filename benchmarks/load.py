@@ -18,6 +18,11 @@ a round that expects every client:
   threads, each sending its half one after the other): the aggregator's ingest with 2 in parallel.
 * ``sequential``: the same encrypted updates submitted one after the other over one connection:
   the aggregator's throughput without concurrency, for the ratios.
+* ``workers1`` / ``workers2``: the same pre-encrypted updates on 4 connections at once into an
+  aggregator started with ``--ingest-workers 1`` / ``2`` (uploads received, checked and written in
+  worker processes; ``secagg.transport.ingest``): ingest with 1 and 2 worker processes, side by
+  side. CPU and memory figures count the workers too. ``--state-root /dev/shm`` puts the
+  aggregators' state on tmpfs, to see the CPU side apart from the disk.
 
 After each phase the benchmark checks exactly-once (round closed, ``submitted`` == clients, the
 round's clients are exactly the ids that were sent, the acknowledgements' ``submitted`` counts
@@ -48,7 +53,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "load.json"
 SEED = 20240607
 PARAM_STD = 0.05
-PHASES = ("api", "streams", "two", "sequential")
+PHASES = ("api", "streams", "two", "sequential", "workers1", "workers2")
+INGEST_LANES = 4  # concurrent uploads in the workers phases: enough to keep every worker busy
 TIMEOUT = 900.0  # no phase may hang the benchmark
 
 
@@ -223,12 +229,15 @@ def expected_average(clients: int, n: int) -> np.ndarray:
 
 
 def run_phase(ctx, tmp: Path, paths, mode: str, repeat: int, clients: int, workers: int, n: int,
-              reference: np.ndarray) -> dict:
+              reference: np.ndarray, state_root: Path) -> dict:
     import secagg
     from secagg.transport.client import AggregatorClient
 
     label = f"{mode}-{repeat}"
-    server = ServerProcess.secagg(paths.server, tmp / f"state-{label}", tmp / f"server-{label}.log")
+    ingest_workers = {"workers1": 1, "workers2": 2}.get(mode, 0)
+    extra = ("--ingest-workers", str(ingest_workers)) if ingest_workers else ()
+    server = ServerProcess.secagg(paths.server, state_root / f"state-{label}",
+                                  tmp / f"server-{label}.log", extra=extra)
     with server:
         with AggregatorClient(server.address) as c:
             c.server_info()
@@ -238,9 +247,9 @@ def run_phase(ctx, tmp: Path, paths, mode: str, repeat: int, clients: int, worke
         # Every client has weight 1, so the round's max weight is 1: released sums are rounded to an
         # absolute grid (secagg.release), and a max weight far above the real ones would cost precision.
         secagg.create_round(server.address, round_id, model_for(0, n), clients=clients, max_weight=1.0)
-        if mode in ("sequential", "two"):
-            records, extra = run_sequential(server.address, paths.client, round_id, clients, n, server,
-                                            lanes=2 if mode == "two" else 1)
+        if mode in ("sequential", "two", "workers1", "workers2"):
+            lanes = {"sequential": 1, "two": 2}.get(mode, INGEST_LANES)
+            records, extra = run_sequential(server.address, paths.client, round_id, clients, n, server, lanes=lanes)
         else:
             records, extra = run_concurrent(ctx, server.address, paths.client, round_id, clients, workers, n, mode,
                                             server)
@@ -280,7 +289,8 @@ def run_phase(ctx, tmp: Path, paths, mode: str, repeat: int, clients: int, worke
         "mode": mode,
         "repeat": repeat,
         "clients": clients,
-        "workers": {"sequential": 1, "two": 2}.get(mode, workers),
+        "workers": {"sequential": 1, "two": 2, "workers1": INGEST_LANES, "workers2": INGEST_LANES}.get(mode, workers),
+        "ingest_workers": ingest_workers,
         "passed": passed,
         "exactly_once": exactly_once,
         "max_abs_error": err,
@@ -377,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default benchmarks/results/load.json)")
     p.add_argument("--quick", action="store_true", help="smoke run")
+    p.add_argument("--state-root", type=Path, help="folder for the aggregators' state dirs (default: a temporary "
+                                                   "folder; e.g. /dev/shm to take the disk out of the figures)")
     args = p.parse_args(argv)
     clients = args.clients or (12 if args.quick else 100)
     n = args.params or (20_000 if args.quick else 100_000)
@@ -396,14 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     ctx = multiprocessing.get_context("spawn")
     runs: dict[str, list[dict]] = {ph: [] for ph in phases}
-    with tempfile.TemporaryDirectory(prefix="secagg-load-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="secagg-load-") as tmp_name, \
+            tempfile.TemporaryDirectory(prefix="secagg-load-state-", dir=args.state_root) as state_name:
         tmp = Path(tmp_name)
+        state_root = Path(state_name) if args.state_root else None
         paths = secagg.keygen(tmp / "keys")
         reference = expected_average(clients, n)
         for r in range(repeats):
             for ph in phases:
                 log(f"repeat {r + 1}/{repeats}: phase {ph}, {clients} clients")
-                res = run_phase(ctx, tmp, paths, ph, r, clients, workers, n, reference)
+                res = run_phase(ctx, tmp, paths, ph, r, clients, workers, n, reference, state_root or tmp)
                 log(f"  {'ok' if res['passed'] else 'FAILED'}: {res['round_seconds']:.2f} s, "
                     f"{res['submissions_per_s']:.1f} submissions/s, peak RSS {res['server_peak_rss_mb']:.0f} MB, "
                     f"max error {res['max_abs_error']:.1e}")
@@ -428,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     if "streams" in summary and "sequential" in summary:
         ratios["submissions/s: concurrent streams / sequential"] = (summary["streams"]["submissions_per_s"]
                                                                     / summary["sequential"]["submissions_per_s"])
+    if "workers2" in summary and "workers1" in summary:
+        ratios["submissions/s: 2 ingest worker processes / 1"] = (summary["workers2"]["submissions_per_s"]
+                                                                  / summary["workers1"]["submissions_per_s"])
     if "two" in summary and "sequential" in summary:
         ratios["submissions/s: 2 uploads ingested in parallel / 1 at a time"] = (
             summary["two"]["submissions_per_s"] / summary["sequential"]["submissions_per_s"])

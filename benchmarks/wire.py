@@ -182,14 +182,32 @@ class ServerProcess:
     def plain(cls, log_path: Path) -> "ServerProcess":
         return cls([sys.executable, str(HERE / "_plain_server.py"), "--listen", "127.0.0.1:0"], log_path)
 
+    def _pids(self) -> list[int]:
+        """The server and its running children (``secagg serve --ingest-workers``): figures count them all."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                return [self.pid, *map(int, f.read().split())]
+        except OSError:
+            return [self.pid]
+
+    def _sum(self, figure: Callable[[int], float]) -> float:
+        total = 0
+        for pid in self._pids():
+            try:
+                total += figure(pid)
+            except (OSError, RuntimeError):  # a child that just ended
+                if pid == self.pid:
+                    raise
+        return total
+
     def peak_rss_kb(self) -> int:
-        return proc_kb(self.pid, "VmHWM")
+        return self._sum(lambda pid: proc_kb(pid, "VmHWM"))
 
     def rss_kb(self) -> int:
-        return proc_kb(self.pid, "VmRSS")
+        return self._sum(lambda pid: proc_kb(pid, "VmRSS"))
 
     def cpu_seconds(self) -> float:
-        return proc_cpu_seconds(self.pid)
+        return self._sum(proc_cpu_seconds)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

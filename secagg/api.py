@@ -74,7 +74,7 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
           min_cohort: int = DEFAULT_MIN_COHORT, epsilon_budget: float | None = None, delta: float | None = None,
           *, max_params: int = DEFAULT_MAX_PARAMS, tls: ServerTLS | None = None, insecure: bool = False,
           metrics_port: int | None = None, metrics_host: str | None = None, health_listen: str | None = None,
-          allow_non_dp_rounds: bool = False, limits: Limits | None = None) -> Server:
+          allow_non_dp_rounds: bool = False, limits: Limits | None = None, ingest_workers: int = 0) -> Server:
     """Start an aggregator on ``listen`` ("host:port"; port 0 picks a free one). Returns the running server.
 
     ``tls`` with a ``ca`` is mutual TLS: every client needs a certificate from that CA, a client may
@@ -86,6 +86,7 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
     ``epsilon_budget``, rounds without DP are refused unless this is set. ``limits``: how many uploads
     and waiting calls it serves at once, per client, and how long an upload may stay silent
     (:mod:`secagg.transport.admission`); beyond, calls are refused with a retry hint instead of queueing.
+    ``ingest_workers``: receive uploads in that many worker processes (:mod:`secagg.transport.ingest`).
     """
     key = server_key if isinstance(server_key, ServerKey) else load_server_key(server_key)
     metrics = Metrics()
@@ -93,7 +94,8 @@ def serve(server_key: str | os.PathLike | ServerKey, listen: str, state_dir: str
     core = Aggregator(key, state_dir, min_cohort=min_cohort, max_params=max_params, epsilon_budget=epsilon_budget,
                       delta=delta, observer=metrics, ca_pem=ca_pem, allow_non_dp=allow_non_dp_rounds)
     return Server(core, listen, tls=tls, insecure=insecure, limits=limits, metrics=metrics,
-                  metrics_port=metrics_port, metrics_host=metrics_host, health_listen=health_listen).start()
+                  metrics_port=metrics_port, metrics_host=metrics_host, health_listen=health_listen,
+                  ingest_workers=ingest_workers).start()
 
 
 def create_round(

@@ -497,7 +497,7 @@ def _serve(args: argparse.Namespace) -> None:
                           metrics_host=settings.metrics_host, health_listen=settings.health_listen,
                           allow_non_dp_rounds=settings.allow_non_dp_rounds,
                           limits=Limits(settings.max_uploads, settings.max_waits, settings.max_calls_per_client,
-                                        settings.upload_idle_timeout))
+                                        settings.upload_idle_timeout), ingest_workers=settings.ingest_workers)
     log = logging.getLogger("secagg.cli")  # only once serving: a failed start prints its one error line alone
     log.info("settings from %s", ", ".join(f"{name}: {source}" for name, source in settings.sources.items()
                                             if source != "default"))

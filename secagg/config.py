@@ -93,6 +93,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "certificate's name; mutual TLS only)", default=4, metavar="N", group=OPS),
     Option("upload-idle-timeout", "float", "an upload that sends nothing this long is cancelled, freeing its slot",
            default=30.0, metavar="SECONDS", group=OPS),
+    Option("ingest-workers", "int", "receive uploads in this many worker processes, each on a port of its own "
+           "(announced to clients; same host and TLS), so that ingest uses more than one core (0: in the "
+           "aggregator's own process)", default=0, metavar="N", group=OPS),
     Option("metrics-port", "int", "serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0 picks a free "
            "port; the address is logged)", metavar="PORT", group=OPS),
     Option("metrics-host", "str", "address the metrics port binds", metavar="HOST", group=OPS,
@@ -129,6 +132,7 @@ class ServeSettings:
     max_waits: int
     max_calls_per_client: int
     upload_idle_timeout: float
+    ingest_workers: int
     metrics_port: int | None
     metrics_host: str | None
     health_listen: str | None

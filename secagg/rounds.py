@@ -100,6 +100,27 @@ class RoundObserver:
         """A round failed: no sum is released."""
 
 
+def write_update(part: Path, header: Header, chunks: Iterator[Chunk], c0_size: int) -> None:
+    """Validate an update's chunks against its header and write it, synced, to ``part``.
+
+    Runs outside any round's lock (in the aggregator's threads or in an ingest worker process): the
+    envelope checks (order, sizes, SHA-256 digests) and the durable write; the coefficient range
+    check and the addition come at commit. On any error the file is removed and the error raised.
+    """
+    validator = ChunkValidator(header, c0_size)
+    writer = store.BlobWriter(part, {"client_id": header.client_id, "digest": header.digest.hex(),
+                                     "contribution": header.contribution.to_dict()})
+    try:
+        for chunk in chunks:
+            writer.write(validator.accept(chunk))
+        validator.finish()
+        # Durable before it counts, and synced before the round's lock is taken (commit), so that other
+        # uploads to the round are not held up while the disk writes this one.
+        writer.sync()
+    except BaseException:
+        writer.discard()
+        raise
+
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
     """What a round is: fixed when it is created."""
@@ -509,27 +530,36 @@ class Aggregator(MaskedRounds):
 
     def submit(self, header: Header, chunks: Iterator[Chunk]) -> SubmitResult:
         """Validate and accept one client's update; nothing is changed unless all of it is valid."""
+        part, resent = self.begin_upload(header)
+        if resent is not None:
+            return resent
+        write_update(part, header, chunks, c0_bytes(self.key.parameters))
+        try:
+            return self.commit_upload(header, part)
+        finally:
+            part.unlink(missing_ok=True)
+
+    def begin_upload(self, header: Header) -> tuple[Path, SubmitResult | None]:
+        """Check an update's header before any of it is read.
+
+        Returns where to write the update (:func:`write_update`, then :meth:`commit_upload`), or, for
+        a resend of an update already accepted (its reply was lost), the acknowledgement to give
+        again without reading it. Ingest worker processes call this through the aggregator.
+        """
         rnd, retry = self._check_header(header)
         if retry:
-            # A resend of an update that is already accepted (the reply was lost): acknowledge it
-            # again without reading it. The round may be closed, with its incoming/ folder gone.
+            # The round may be closed, with its incoming/ folder gone.
             with rnd.lock:
                 submitted = len(rnd.accepted) if rnd.state == COLLECTING else len(rnd.clients_at_close)
-            return SubmitResult(rnd.config.round_id, header.client_id, submitted, True)
-        validator = ChunkValidator(header, c0_bytes(self.key.parameters))
-        part = rnd.incoming_dir / f"{header.client_id}.{secrets.token_hex(6)}.part"
-        writer = store.BlobWriter(part, {"client_id": header.client_id, "digest": header.digest.hex(),
-                                         "contribution": header.contribution.to_dict()})
-        try:
-            for chunk in chunks:
-                writer.write(validator.accept(chunk))
-            validator.finish()
-            # Durable before it counts; synced outside the round's lock, so that other uploads to the
-            # round are not held up while the disk writes this one (_accept's rename makes the name durable).
-            writer.sync()
-            return self._accept(rnd, header, writer)
-        finally:
-            writer.discard()
+            return Path(), SubmitResult(rnd.config.round_id, header.client_id, submitted, True)
+        return rnd.incoming_dir / f"{header.client_id}.{secrets.token_hex(6)}.part", None
+
+    def commit_upload(self, header: Header, part: Path) -> SubmitResult:
+        """Accept an update written and synced at ``part`` (from :meth:`begin_upload`); the caller removes the file."""
+        rnd = self._round(header.round_id)
+        if part.parent != rnd.incoming_dir or not part.name.startswith(f"{header.client_id}.") or part.suffix != ".part":
+            raise EnvelopeError(f"{part} is not an upload of {header.client_id!r} to round {header.round_id!r}")
+        return self._accept(rnd, header, part)
 
     def _check_header(self, header: Header) -> tuple[_Round, bool]:
         if header.format_version != envelope.FORMAT_VERSION:
@@ -592,18 +622,18 @@ class Aggregator(MaskedRounds):
                                    f"{rnd.config.round_id!r}, so its update could never be unmasked; it joins the next round")
         return False
 
-    def _accept(self, rnd: _Round, header: Header, writer: store.BlobWriter) -> SubmitResult:
+    def _accept(self, rnd: _Round, header: Header, part: Path) -> SubmitResult:
         with rnd.lock:
             self._apply_deadline(rnd)
             if self._check_open(rnd, header):
                 return SubmitResult(rnd.config.round_id, header.client_id, len(rnd.accepted), True)
-            self._add_update(rnd, writer.tmp_path, header.client_id, header.contribution)
+            self._add_update(rnd, part, header.client_id, header.contribution)
             final = rnd.accepted_dir / header.client_id
             try:
-                writer.tmp_path.replace(final)
+                part.replace(final)
                 store.fsync_dir(rnd.accepted_dir)
             except OSError:
-                self._remove_update(rnd, header.client_id, writer.tmp_path)
+                self._remove_update(rnd, header.client_id, part)
                 raise
             rnd.accepted[header.client_id] = header.digest.hex()
             log.info("update accepted", extra={"round": rnd.config.round_id, "client": header.client_id})

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 import threading
 from collections.abc import Iterable, Iterator
 
 import grpc
 
 from secagg.envelope import MAX_MESSAGE_BYTES, Chunk, Header
-from secagg.errors import SecAggError
+from secagg.errors import BusyError, SecAggError, TransportError
 from secagg.rounds import RoundStatus, RoundSummary
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
-from secagg.transport.server import ADMITTED_KEY, chunk_from_pb, chunk_to_pb, record_to_pb
+from secagg.transport.server import ADMITTED_KEY, chunk_from_pb, chunk_to_pb, header_to_pb
 from secagg.transport.status import error_from_rpc
 from secagg.transport.tls import ClientTLS, handshake_hint
 
@@ -59,11 +60,16 @@ class AggregatorClient:
                    # was down; secagg's own retries (secagg.api) need it to try again within seconds.
                    ("grpc.initial_reconnect_backoff_ms", 500),
                    ("grpc.max_reconnect_backoff_ms", 2000)]
-        if self.tls is None:
-            self._channel = grpc.insecure_channel(server, options=options)
-        else:
-            self._channel = grpc.secure_channel(server, self.tls.credentials(), options=options)
+        self._options = options
+        self._channel = self._open_channel(server)
         self._stub = pb_grpc.AggregatorStub(self._channel)
+        self._ingest_ports: tuple[int, ...] | None = None  # asked once, at the first upload
+        self._ingest_channels: dict[int, grpc.Channel] = {}
+
+    def _open_channel(self, address: str) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(address, options=self._options)
+        return grpc.secure_channel(address, self.tls.credentials(), options=self._options)
 
     def __enter__(self) -> "AggregatorClient":
         return self
@@ -73,6 +79,8 @@ class AggregatorClient:
 
     def close(self) -> None:
         self._channel.close()
+        for channel in self._ingest_channels.values():
+            channel.close()
 
     def _error(self, err: grpc.RpcError) -> SecAggError:
         return error_from_rpc(err, self.server, handshake_hint(err.details() or "", self.tls, self.server))
@@ -109,11 +117,7 @@ class AggregatorClient:
         send_chunks: list[bool] = []  # empty while undecided; then [True] (admitted) or [False] (refused)
 
         def messages() -> Iterator[pb.SubmitMessage]:
-            yield pb.SubmitMessage(header=pb.UpdateHeader(
-                format_version=header.format_version, round_id=header.round_id, client_id=header.client_id,
-                key_id=header.key_id, spec_hash=header.spec_hash, num_ciphertexts=header.num_ciphertexts,
-                num_chunks=header.num_chunks, digest=header.digest, contribution=record_to_pb(header.contribution),
-            ))
+            yield pb.SubmitMessage(header=header_to_pb(header))
             # The aggregator answers an admitted upload with its initial metadata at once, and refuses one
             # beyond its limits before reading it: sending nothing more until then keeps a refused upload
             # from filling the aggregator's receive window (1 MiB per stream) with data it will drop.
@@ -123,14 +127,18 @@ class AggregatorClient:
             for c in chunks:
                 yield pb.SubmitMessage(chunk=chunk_to_pb(c))
 
-        call = self._stub.Submit.future(messages(), timeout=self.timeout)
+        ingest = self._ingest_stub()
+        call = (ingest or self._stub).Submit.future(messages(), timeout=self.timeout)
         try:
-            metadata = dict(call.initial_metadata() or ())  # once admitted, or once the call has ended
-            send_chunks.append(ADMITTED_KEY in metadata or not call.done())
+            # Returns once admitted, or once the call has ended (refused: no metadata before the status).
+            send_chunks.append(ADMITTED_KEY in dict(call.initial_metadata() or ()))
             decided.set()
             return call.result()
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            error = self._error(err)
+            if ingest is not None and isinstance(error, TransportError) and not isinstance(error, BusyError):
+                self._ingest_ports = ()  # that worker is gone or stopping: the retry goes to the aggregator's port
+            raise error from None
         except BaseException:
             call.cancel()
             raise
@@ -138,6 +146,20 @@ class AggregatorClient:
             if not send_chunks:
                 send_chunks.append(False)
             decided.set()
+
+    def _ingest_stub(self) -> pb_grpc.AggregatorStub | None:
+        """A stub on one of the aggregator's ingest workers (``ServerInfo.ingest_ports``), if it has any."""
+        if self._ingest_ports is None:
+            try:
+                self._ingest_ports = tuple(self.server_info().ingest_ports)
+            except SecAggError:
+                return None  # the upload itself will say what is wrong
+        if not self._ingest_ports:
+            return None
+        port = random.choice(self._ingest_ports)  # spreads the clients over the workers
+        if port not in self._ingest_channels:
+            self._ingest_channels[port] = self._open_channel(f"{self.server.rsplit(':', 1)[0]}:{port}")
+        return pb_grpc.AggregatorStub(self._ingest_channels[port])
 
     def mask_stage(self, round_id: str, client_id: str, stage: str, payload: dict | None,
                    wait: float) -> tuple[bool, dict, str]:

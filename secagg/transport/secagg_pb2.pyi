@@ -11,18 +11,20 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("key_id", "poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "format_version")
+    __slots__ = ("key_id", "poly_modulus_degree", "coeff_modulus_bits", "scale_bits", "format_version", "ingest_ports")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     POLY_MODULUS_DEGREE_FIELD_NUMBER: _ClassVar[int]
     COEFF_MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
     SCALE_BITS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INGEST_PORTS_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     poly_modulus_degree: int
     coeff_modulus_bits: _containers.RepeatedScalarFieldContainer[int]
     scale_bits: int
     format_version: int
-    def __init__(self, key_id: _Optional[str] = ..., poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., format_version: _Optional[int] = ...) -> None: ...
+    ingest_ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, key_id: _Optional[str] = ..., poly_modulus_degree: _Optional[int] = ..., coeff_modulus_bits: _Optional[_Iterable[int]] = ..., scale_bits: _Optional[int] = ..., format_version: _Optional[int] = ..., ingest_ports: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateRoundRequest(_message.Message):
     __slots__ = ("round_id", "model_spec_json", "expected_clients", "min_clients", "deadline_seconds", "max_weight", "value_bound", "dp_json", "enrolled", "masking_json")

@@ -104,6 +104,9 @@ class AggregatorServicer:
         """Stream one encrypted update: first a header, then chunks 0..n-1 in order.
         Resending the identical update (same digest) after a lost reply is acknowledged again,
         not counted twice; a different second update from the same client is refused.
+        An upload within the aggregator's limits is admitted with initial metadata
+        "secagg-admitted: 1" before anything past the header is read; one beyond them ends at
+        once with RESOURCE_EXHAUSTED. Clients send chunks only once admitted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -107,15 +107,27 @@ def record_from_pb(r: pb.ContributionRecord) -> Contribution:
     return Contribution(r.client_id, r.digest, r.seeds_digest, r.tag, r.certificate, r.signature)
 
 
+def header_to_pb(h: Header) -> pb.UpdateHeader:
+    return pb.UpdateHeader(format_version=h.format_version, round_id=h.round_id, client_id=h.client_id,
+                           key_id=h.key_id, spec_hash=h.spec_hash, num_ciphertexts=h.num_ciphertexts,
+                           num_chunks=h.num_chunks, digest=h.digest, contribution=record_to_pb(h.contribution))
+
+
+def header_from_pb(h: pb.UpdateHeader) -> Header:
+    return Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks, h.digest,
+                  record_from_pb(h.contribution) if h.HasField("contribution") else None, h.format_version)
+
+
 class AggregatorServicer(pb_grpc.AggregatorServicer):
     """Every method: check the caller, parse the request, call the core, map :class:`SecAggError` to a status."""
 
     def __init__(self, core: Aggregator, auth: Authorizer | None = None, metrics: Metrics | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, ingest_ports=lambda: ()) -> None:
         self.core = core
         self.auth = auth or Authorizer(enforce=False)
         self.metrics = metrics or Metrics()
         self.admission = admission or Admission(Limits())
+        self.ingest_ports = ingest_ports  # () -> the running ingest workers' ports
 
     def _identify(self, context) -> tuple[Identity | None, str | None]:
         """The verified caller and the name its calls are counted under; (None, None) without mutual TLS.
@@ -134,6 +146,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return pb.ServerInfo(
             key_id=self.core.key.key_id, poly_modulus_degree=keys.POLY_MODULUS_DEGREE,
             coeff_modulus_bits=list(keys.COEFF_MODULUS_BITS), scale_bits=keys.SCALE_BITS, format_version=FORMAT_VERSION,
+            ingest_ports=list(self.ingest_ports()),
         )
 
     def CreateRound(self, request, context):
@@ -201,10 +214,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         if first is None or first.header is None:
             raise EnvelopeError(first.error if first is not None and first.error else
                                 "an update must start with its header; use the secagg client to submit")
-        h = first.header
-        header = Header(h.round_id, h.client_id, h.key_id, h.spec_hash, h.num_ciphertexts, h.num_chunks,
-                        h.digest, record_from_pb(h.contribution) if h.HasField("contribution") else None,
-                        h.format_version)
+        header = header_from_pb(first.header)
         ids.update(_log_ids(header))
         # Before any chunk is read: an update claiming another client's id is refused unread.
         self.auth.check_submitter(context, header.client_id)
@@ -302,8 +312,10 @@ class Server:
 
     def __init__(self, core: Aggregator, listen: str, tls: ServerTLS | None = None, insecure: bool = False,
                  limits: Limits | None = None, *, metrics: Metrics | None = None, metrics_port: int | None = None,
-                 metrics_host: str | None = None, health_listen: str | None = None) -> None:
+                 metrics_host: str | None = None, health_listen: str | None = None, ingest_workers: int = 0) -> None:
         self.core = core
+        if ingest_workers < 0:
+            raise SecAggError(f"--ingest-workers must be 0 (ingest in the aggregator's process) or more, got {ingest_workers}")
         host = listen.rsplit(":", 1)[0]
         exposure = _check_exposure(listen, host, tls, insecure)
         credentials = tls.credentials() if tls is not None else None  # bad files fail here, before binding
@@ -314,7 +326,9 @@ class Server:
         self._grpc = _grpc_server(self.limits.workers)
         self.mutual_tls = tls is not None and tls.mutual
         self.metrics.count_open_rounds(core.open_rounds)
-        servicer = AggregatorServicer(core, Authorizer(self.mutual_tls), self.metrics, self.admission)
+        self._ingest = None
+        servicer = AggregatorServicer(core, Authorizer(self.mutual_tls), self.metrics, self.admission,
+                                      lambda: self._ingest.ports if self._ingest is not None else ())
         add_servicer(servicer, self._grpc)
         # Health answers without a caller check: it tells nothing but up or down.
         self.health = health.HealthServicer()
@@ -337,10 +351,16 @@ class Server:
                 self.health_address = f"{health_listen.rsplit(':', 1)[0]}:{port}"
             if metrics_port is not None:
                 self._metrics_endpoint = MetricsEndpoint(self.metrics, _metrics_host(metrics_host, host), metrics_port)
+            if ingest_workers:
+                from secagg.transport.ingest import WorkerPool
+
+                self._ingest = WorkerPool(core, self.metrics, ingest_workers, host, tls, self.limits)
         except BaseException:
             self._grpc.stop(None)
             if self._health_grpc is not None:
                 self._health_grpc.stop(None)
+            if self._metrics_endpoint is not None:
+                self._metrics_endpoint.stop()
             raise
         if exposure:  # only once bound: a server that failed to start warns about nothing
             log.warning("listening on %s %s", self.address, exposure)
@@ -386,6 +406,8 @@ class Server:
         self.health.enter_graceful_shutdown()
         self._stop.set()
         self._grpc.stop(grace).wait()
+        if self._ingest is not None:
+            self._ingest.stop()
         self.admission.stop()
         if self._health_grpc is not None:
             self._health_grpc.stop(0).wait()
@@ -421,6 +443,13 @@ def add_servicer(servicer: pb_grpc.AggregatorServicer, server: grpc.Server) -> N
         response_serializer=pb.SubmitReply.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AGGREGATOR_SERVICE, handlers),))
     server.add_registered_method_handlers(AGGREGATOR_SERVICE, handlers)
+
+
+def submit_only_handlers(core, auth: Authorizer, metrics: Metrics, admission: Admission) -> grpc.GenericRpcHandler:
+    """``Submit`` alone, served by ``core.submit`` (an ingest worker's; :mod:`secagg.transport.ingest`)."""
+    servicer = AggregatorServicer(core, auth, metrics, admission)
+    return grpc.method_handlers_generic_handler(AGGREGATOR_SERVICE, {"Submit": grpc.stream_unary_rpc_method_handler(
+        servicer.Submit, request_deserializer=parse_submit_message, response_serializer=pb.SubmitReply.SerializeToString)})
 
 
 def _grpc_server(max_workers: int) -> grpc.Server:

@@ -394,7 +394,7 @@ def malicious_server(keypair, tmp_path):
 
             result = honest_submit(header, tee())
             malice.updates[(header.round_id, header.client_id)] = (
-                header, [(c0, seed) for c in kept for c0, seed in zip(c.c0s, c.seeds)])
+                header, [(bytes(c0), bytes(seed)) for c in kept for c0, seed in zip(c.c0s, c.seeds)])
             return result
 
         srv.core.submit = keeping_submit

@@ -145,23 +145,12 @@ def create_round(
         dp_json=json.dumps(dp.to_dict()) if dp else "", enrolled=list(enroll),
         masking_json=json.dumps(masking.to_dict()) if masking is not None else "",
     )
-    attempts = 0
-
-    def create() -> RoundStatus:
-        nonlocal attempts
-        attempts += 1
-        try:
-            return client.create_round(request)[0]
-        except RoundExistsError:
-            if attempts == 1:
-                raise
-            mine = client.status(round_id)[0]  # an earlier attempt may have created it before its reply was lost
-            if (mine.spec_hash, mine.expected) != (spec.hash, clients):
-                raise
-            return mine
-
     with AggregatorClient(server, tls=tls) as client:
-        return _with_retries(create, retry_for, transient_only=True)
+        def created_earlier() -> RoundStatus | None:
+            mine = client.status(round_id)[0]
+            return mine if (mine.spec_hash, mine.expected) == (spec.hash, clients) else None
+
+        return _retried_change(lambda: client.create_round(request)[0], RoundExistsError, created_earlier, retry_for)
 
 
 def round_status(server: str, round_id: str, *, tls: ClientTLS | None = None, retry_for: float = 60.0) -> RoundStatus:
@@ -185,23 +174,13 @@ def cancel_round(server: str, round_id: str, reason: str = "", *, tls: ClientTLS
     cannot be cancelled (``RoundStateError``); a retry that finds the round cancelled by its own
     earlier attempt (whose reply was lost) returns its status.
     """
-    attempts = 0
-
-    def cancel() -> RoundStatus:
-        nonlocal attempts
-        attempts += 1
-        try:
-            return client.cancel_round(round_id, reason)
-        except RoundStateError:
-            if attempts == 1:
-                raise
-            now = client.status(round_id)[0]
-            if not (now.state == "failed" and now.reason.startswith("cancelled: ")):
-                raise
-            return now
-
     with AggregatorClient(server, tls=tls) as client:
-        return _with_retries(cancel, retry_for, transient_only=True)
+        def cancelled_earlier() -> RoundStatus | None:
+            now = client.status(round_id)[0]
+            return now if now.state == "failed" and now.reason.startswith("cancelled: ") else None
+
+        return _retried_change(lambda: client.cancel_round(round_id, reason), RoundStateError, cancelled_earlier,
+                               retry_for)
 
 
 def list_rounds(server: str, *, tls: ClientTLS | None = None, retry_for: float = 60.0) -> list[RoundSummary]:
@@ -405,6 +384,26 @@ def _report(chunks, progress: Progress | None, stage: str, total: int | None = N
         yield c
         if progress:
             progress(stage, i + 1, total)
+
+
+def _retried_change(call, refusal: type[SecAggError], done_earlier, retry_for: float):
+    """``call()`` (a change: create, cancel) with :func:`_with_retries`. A retry that the aggregator
+    refuses with ``refusal`` may have met the change made by an earlier attempt whose reply was lost:
+    ``done_earlier()`` returns that result if it is ours (None if not, and the refusal stands)."""
+    attempts = 0
+
+    def attempt():
+        nonlocal attempts
+        attempts += 1
+        try:
+            return call()
+        except refusal:
+            found = done_earlier() if attempts > 1 else None
+            if found is None:
+                raise
+            return found
+
+    return _with_retries(attempt, retry_for, transient_only=True)
 
 
 def _with_retries(call, retry_for: float, transient_only: bool = False):

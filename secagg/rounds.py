@@ -121,6 +121,24 @@ def write_update(part: Path, header: Header, chunks: Iterator[Chunk], c0_size: i
         writer.discard()
         raise
 
+
+def ingest_update(header: Header, chunks: Iterator[Chunk], c0_size: int,
+                  begin: Callable[[Header], tuple[Path | None, SubmitResult | None]],
+                  commit: Callable[[Header, Path], SubmitResult]) -> SubmitResult:
+    """The one way an update goes in: ``begin`` checks its header (:meth:`Aggregator.begin_upload`),
+    :func:`write_update` writes it, ``commit`` adds it (:meth:`Aggregator.commit_upload`); the written
+    file never outlives the call. In the aggregator's process the two are its core's methods; in an
+    ingest worker, calls to them (:mod:`secagg.transport.ingest`)."""
+    part, resent = begin(header)
+    if part is None:
+        return resent
+    write_update(part, header, chunks, c0_size)
+    try:
+        return commit(header, part)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundConfig:
     """What a round is: fixed when it is created."""
@@ -530,28 +548,21 @@ class Aggregator(MaskedRounds):
 
     def submit(self, header: Header, chunks: Iterator[Chunk]) -> SubmitResult:
         """Validate and accept one client's update; nothing is changed unless all of it is valid."""
-        part, resent = self.begin_upload(header)
-        if resent is not None:
-            return resent
-        write_update(part, header, chunks, c0_bytes(self.key.parameters))
-        try:
-            return self.commit_upload(header, part)
-        finally:
-            part.unlink(missing_ok=True)
+        return ingest_update(header, chunks, c0_bytes(self.key.parameters), self.begin_upload, self.commit_upload)
 
-    def begin_upload(self, header: Header) -> tuple[Path, SubmitResult | None]:
+    def begin_upload(self, header: Header) -> tuple[Path | None, SubmitResult | None]:
         """Check an update's header before any of it is read.
 
-        Returns where to write the update (:func:`write_update`, then :meth:`commit_upload`), or, for
-        a resend of an update already accepted (its reply was lost), the acknowledgement to give
-        again without reading it. Ingest worker processes call this through the aggregator.
+        Returns where to write the update (:func:`write_update`, then :meth:`commit_upload`) and None,
+        or, for a resend of an update already accepted (its reply was lost), None and the
+        acknowledgement to give again without reading it.
         """
         rnd, retry = self._check_header(header)
         if retry:
             # The round may be closed, with its incoming/ folder gone.
             with rnd.lock:
                 submitted = len(rnd.accepted) if rnd.state == COLLECTING else len(rnd.clients_at_close)
-            return Path(), SubmitResult(rnd.config.round_id, header.client_id, submitted, True)
+            return None, SubmitResult(rnd.config.round_id, header.client_id, submitted, True)
         return rnd.incoming_dir / f"{header.client_id}.{secrets.token_hex(6)}.part", None
 
     def commit_upload(self, header: Header, part: Path) -> SubmitResult:

@@ -37,10 +37,12 @@ import grpc
 
 from secagg.envelope import Chunk, Header
 from secagg.errors import SecAggError
-from secagg.rounds import Aggregator, SubmitResult, write_update
+from secagg.polys import c0_bytes
+from secagg.rounds import Aggregator, SubmitResult, ingest_update
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport.admission import Admission, Limits
 from secagg.transport.auth import Authorizer
+from secagg.transport.server import _bind, _grpc_server, header_from_pb, header_to_pb, submit_only_handlers
 from secagg.transport.status import abort, error_from_rpc
 from secagg.transport.tls import ServerTLS
 
@@ -50,14 +52,10 @@ _READY = "ingest worker: serving on "
 
 
 def _header_bytes(header: Header) -> str:
-    from secagg.transport.server import header_to_pb
-
     return base64.b64encode(header_to_pb(header).SerializeToString()).decode()
 
 
 def _header(text: str) -> Header:
-    from secagg.transport.server import header_from_pb
-
     return header_from_pb(pb.UpdateHeader.FromString(base64.b64decode(text)))
 
 
@@ -118,7 +116,7 @@ class WorkerPool:
         per_worker = Limits(max(1, -(-limits.max_uploads // count)), limits.max_waits, limits.per_client,
                             limits.idle_seconds)
         argv = [sys.executable, "-m", "secagg.transport.ingest", "--socket", str(self.socket),
-                "--listen", f"{host}:0", "--c0-bytes", str(8 * core.key.parameters.poly_modulus_degree),
+                "--listen", f"{host}:0", "--c0-bytes", str(c0_bytes(core.key.parameters)),
                 "--parent", str(os.getpid()), "--max-uploads", str(per_worker.max_uploads),
                 "--per-client", str(per_worker.per_client), "--idle-seconds", str(per_worker.idle_seconds)]
         if tls is not None:
@@ -179,15 +177,15 @@ class _RemoteCore:
 
     def submit(self, header: Header, chunks: Iterator[Chunk]) -> SubmitResult:
         encoded = _header_bytes(header)
-        began = self._call("Begin", {"header": encoded})
-        if "resent" in began:
-            return SubmitResult(**began["resent"])
-        part = Path(began["part"])
-        write_update(part, header, chunks, self.c0_bytes)
-        try:
+
+        def begin(_: Header) -> tuple[Path | None, SubmitResult | None]:
+            began = self._call("Begin", {"header": encoded})
+            return (None, SubmitResult(**began["resent"])) if "resent" in began else (Path(began["part"]), None)
+
+        def commit(_: Header, part: Path) -> SubmitResult:
             return SubmitResult(**self._call("Commit", {"header": encoded, "part": str(part)}))
-        finally:
-            part.unlink(missing_ok=True)
+
+        return ingest_update(header, chunks, self.c0_bytes, begin, commit)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -205,7 +203,6 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     from secagg.metrics import Metrics
     from secagg.transport.allocator import tune_malloc
-    from secagg.transport.server import _bind, _grpc_server, submit_only_handlers
 
     p = argparse.ArgumentParser(description="secagg ingest worker (started by secagg serve --ingest-workers)")
     p.add_argument("--socket", required=True)

@@ -236,8 +236,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if msg.chunk is None:
                 raise EnvelopeError("a second header arrived inside an update; send one update per call")
             yield msg.chunk
-        # gRPC ends the request stream quietly at a message it cannot parse (it has already answered
-        # INTERNAL): the chunks before it must not be accepted as a complete update.
+        # A call cancelled or broken mid-stream can end the request iterator quietly: the chunks
+        # before that must not be accepted as a complete update. (A malformed message no longer
+        # does: submit_wire hands it over with its reason, refused above.)
         if not context.is_active():
             raise EnvelopeError("the update's stream broke off at a message that could not be parsed; resend the "
                                 "whole update with the secagg client")
@@ -438,18 +439,20 @@ def add_servicer(servicer: pb_grpc.AggregatorServicer, server: grpc.Server) -> N
     collected = _Handlers()
     pb_grpc.add_AggregatorServicer_to_server(servicer, collected)
     handlers = collected.handlers
-    handlers["Submit"] = grpc.stream_unary_rpc_method_handler(
-        servicer.Submit, request_deserializer=parse_submit_message,
-        response_serializer=pb.SubmitReply.SerializeToString)
+    handlers["Submit"] = _submit_handler(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(AGGREGATOR_SERVICE, handlers),))
     server.add_registered_method_handlers(AGGREGATOR_SERVICE, handlers)
 
 
 def submit_only_handlers(core, auth: Authorizer, metrics: Metrics, admission: Admission) -> grpc.GenericRpcHandler:
     """``Submit`` alone, served by ``core.submit`` (an ingest worker's; :mod:`secagg.transport.ingest`)."""
-    servicer = AggregatorServicer(core, auth, metrics, admission)
-    return grpc.method_handlers_generic_handler(AGGREGATOR_SERVICE, {"Submit": grpc.stream_unary_rpc_method_handler(
-        servicer.Submit, request_deserializer=parse_submit_message, response_serializer=pb.SubmitReply.SerializeToString)})
+    return grpc.method_handlers_generic_handler(
+        AGGREGATOR_SERVICE, {"Submit": _submit_handler(AggregatorServicer(core, auth, metrics, admission))})
+
+
+def _submit_handler(servicer: pb_grpc.AggregatorServicer) -> grpc.RpcMethodHandler:
+    return grpc.stream_unary_rpc_method_handler(servicer.Submit, request_deserializer=parse_submit_message,
+                                                response_serializer=pb.SubmitReply.SerializeToString)
 
 
 def _grpc_server(max_workers: int) -> grpc.Server:

@@ -153,8 +153,20 @@ def keras_predictor(path: Path) -> Predictor:
 
 
 def torch_predictor(path: Path) -> Predictor:
-    """Load a PyTorch state dict of :func:`forecast.build_torch_lstm` and predict with torch."""
-    model = forecast.load_torch_lstm(path)
+    """Load a PyTorch state dict of :func:`forecast.build_torch_lstm` (or a hybrid around one) and predict with torch."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "skip.weight" in state:  # a hybrid global model: secagg's documented module around the sites' own
+        from secagg.merge.head_files import torch_hybrid_class
+
+        units, features = state["base.lstm.weight_ih_l0"].shape
+        outputs, inputs = state["skip.weight"].shape
+        model = torch_hybrid_class()(forecast.build_torch_lstm(0, units=units // 4, features=features), inputs, outputs)
+        model.load_state_dict(state)
+        model.eval()
+    else:
+        model = forecast.load_torch_lstm(path)
     return lambda x: forecast.predict_torch(model, x)
 
 

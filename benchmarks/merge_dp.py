@@ -1,11 +1,17 @@
-"""The price of client-level differential privacy in forecast error (merge-quality setting).
+"""The price of differential privacy in forecast error (merge-quality setting).
 
 Same sites, sensors, data and scoring as ``merge_quality.py`` (its cached site data are reused).
-The DP rows run ``init`` (shared initialization, one warm-up FedAvg round, local training, mean)
-through the real encrypted path with client-level DP on both weight exchanges (the warm-up round
-and the final mean: two Gaussian releases, composed by the accountant). ``init`` is the method
-whose every exchange is model weights and which is good without DP; the one-shot methods that win
-without DP (align+readout, auto) exchange data statistics that DP does not cover in this version.
+Methods (``--methods``, default all three):
+
+* ``init`` (shared initialization, one warm-up FedAvg round, local training, mean) with client-level
+  DP on both weight exchanges (two Gaussian releases, composed by the accountant): the weight path.
+* ``linear`` with row-level DP on its one statistics exchange (:mod:`secagg.privacy.statistics`:
+  every training window's row clipped, the summed X^T X and X^T y noised): the statistics path.
+* ``hybrid`` (the plain mean of the weights, then the hybrid head): one weight release and one
+  statistics release; calibrated so that the row-level epsilon over both meets the target.
+
+Epsilons are not of one unit: ``init``'s protects a whole site, ``linear``'s and ``hybrid``'s one
+training window (one row), a weaker promise (see docs/privacy-audit.md).
 
 For each target epsilon (delta 1e-5) and calibration (distributed: the decrypted sum carries the
 noise, each of the k = all sites adds 1/k of its variance; local: every site adds all of it), the
@@ -32,15 +38,16 @@ import merge_common as mc
 import merge_quality as mq
 
 
-def run_one(cfg: mc.BenchConfig, cache: mc.Cache, seed: int, sensors, dp, out: Path) -> dict[str, Any]:
-    """One ``init`` run (with ``dp`` or without), scored on every sensor like the merge table's rows."""
+def run_one(cfg: mc.BenchConfig, cache: mc.Cache, seed: int, sensors, dp, out: Path, method: str = "init"
+            ) -> dict[str, Any]:
+    """One ``method`` run (with ``dp`` or without), scored on every sensor like the merge table's rows."""
     from secagg.merge.simulate import simulate
 
     sites = list(zip(cache.site_paths(seed, "keras"), cache.data_files()))
-    row = mq.Row("dp", "init", "private", "keras", "init")
+    row = mq.Row("dp", method, "private", "keras", method)
     scores, info = mq.secagg_row(simulate, row, sites, out, cfg, seed, sensors, dp=dp)
-    return {"seconds": info["seconds"], "epsilon": info["epsilon"], "scores": scores,
-            "dp": dp.to_dict() if dp else None}
+    return {"seconds": info["seconds"], "epsilon": info["epsilon"], "row_epsilon": info.get("row_epsilon"),
+            "scores": scores, "dp": dp.to_dict() if dp else None}
 
 
 def summary(runs: list[dict[str, Any]], group: str, metric: str) -> float:
@@ -55,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip-norm", type=float, default=2.0,
                    help="L2 clip of one site's update (measured update norms: warm-up ~0.8, local training ~3-4)")
+    p.add_argument("--methods", default="init,linear,hybrid", help="comma-separated, of init, linear, hybrid")
     p.add_argument("--out-dir", type=Path, default=mc.RESULTS)
     p.add_argument("--cache-dir", type=Path, help="site-model cache (default OUT_DIR/cache)")
     args = p.parse_args(argv)
 
-    from secagg.merge.simulate import dp_exchanges
+    from secagg.errors import SecAggError
+    from secagg.merge.simulate import dp_exchanges, dp_releases
     from secagg.privacy.accountant import noise_multiplier_for
     from secagg.privacy.mechanism import DPConfig
 
@@ -69,51 +78,73 @@ def main(argv: list[str] | None = None) -> int:
     cache = mc.Cache(cfg, train, root=args.cache_dir or args.out_dir / "cache")
     cache.data_files()
     sensors = [*train, *held]
-    releases = dp_exchanges("init")
     out_dir = args.out_dir / "dp"
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs: list[tuple[str, Any]] = [("no DP", None)]
-    for eps in (float(e) for e in args.epsilons.split(",") if e):
-        z = noise_multiplier_for(eps, args.delta, releases)
-        for mode in ("distributed", "local"):
-            configs.append((f"eps {eps:g}, {mode}", DPConfig(args.clip_norm, z, args.delta, mode, len(train))))
     rows = []
-    for label, dp in configs:
-        runs = []
-        for seed in range(args.seeds):
-            cache.keras_sites(seed)
-            out = out_dir / f"init-{label.replace(' ', '').replace(',', '-')}-s{seed}.keras"
-            runs.append(run_one(cfg, cache, seed, sensors, dp, out))
-            print(f"{label}, seed {seed}: held-out nRMSE {summary(runs[-1:], 'heldout', 'nrmse'):.3f} "
-                  f"({runs[-1]['seconds']:.0f} s)", flush=True)
-        rows.append({"label": label, "dp": dp.to_dict() if dp else None,
-                     "epsilon": runs[0]["epsilon"], "runs": runs,
-                     **{f"{g}_{m}": summary(runs, g, m) for g in ("heldout", "train") for m in ("nrmse", "mae")}})
+    for method in (m.strip() for m in args.methods.split(",") if m.strip()):
+        releases = dp_releases(method)
+        # init: client-level epsilon over its weight releases; linear/hybrid: row-level over every release.
+        calibrated = dp_exchanges(method)
+        configs: list[tuple[str, Any]] = [("no DP", None)]
+        for eps in (float(e) for e in args.epsilons.split(",") if e):
+            z = noise_multiplier_for(eps, args.delta, calibrated)
+            for mode in ("distributed", "local"):
+                configs.append((f"eps {eps:g}, {mode}", DPConfig(args.clip_norm, z, args.delta, mode, len(train))))
+        for label, dp in configs:
+            runs, failed = [], None
+            for seed in range(args.seeds):
+                cache.keras_sites(seed)
+                out = out_dir / f"{method}-{label.replace(' ', '').replace(',', '-')}-s{seed}.keras"
+                try:
+                    runs.append(run_one(cfg, cache, seed, sensors, dp, out, method))
+                except SecAggError as exc:  # e.g. a noised network the framework check refuses: reported, not hidden
+                    failed = f"{type(exc).__name__}: {exc}"
+                    print(f"{method}, {label}, seed {seed}: refused: {failed}", flush=True)
+                    break
+                print(f"{method}, {label}, seed {seed}: held-out nRMSE {summary(runs[-1:], 'heldout', 'nrmse'):.3f} "
+                      f"({runs[-1]['seconds']:.0f} s)", flush=True)
+            if failed:
+                rows.append({"method": method, "label": label, "dp": dp.to_dict() if dp else None, "failed": failed})
+                continue
+            rows.append({"method": method, "label": label, "dp": dp.to_dict() if dp else None,
+                         "releases": dataclasses.asdict(releases),
+                         "epsilon": runs[0]["epsilon"], "row_epsilon": runs[0]["row_epsilon"], "runs": runs,
+                         **{f"{g}_{m}": summary(runs, g, m) for g in ("heldout", "train") for m in ("nrmse", "mae")}})
     ensemble = None
     main_json = args.out_dir / "merge_quality.json"
     if main_json.exists():  # the output ensemble of the same sites, for the ratio column
         ens = json.loads(main_json.read_text())["rows"].get("ensemble")
         ensemble = ens["summary"]["heldout"]["nrmse"] if ens else None
     lines = [
-        "# Price of client-level DP (method init, " + f"{len(train)} sites, {len(held)} held-out sensors, "
-        f"{args.seeds} seed(s), delta {args.delta:g}, clip norm {args.clip_norm:g}, {releases} DP releases)",
+        f"# Price of DP ({len(train)} sites, {len(held)} held-out sensors, {args.seeds} seed(s), delta {args.delta:g}, "
+        f"weight clip norm {args.clip_norm:g}; statistics rows clipped to ||r||^2 <= 2 x row width)",
         "",
-        "| setting | noise multiplier | epsilon (both releases) | held-out nRMSE | held-out ÷ ens. | held-out MAE "
-        "| train nRMSE | train MAE |",
-        "|---|---|---|---|---|---|---|---|",
+        "init: client-level DP on its 2 weight releases (unit: a site). linear: row-level DP on its 1 statistics "
+        "release (unit: one training window). hybrid: mean (1 weight release) + hybrid head (1 statistics release), "
+        "row-level epsilon over both.",
+        "",
+        "| method | setting | noise multiplier | site-level epsilon | row-level epsilon | held-out nRMSE "
+        "| held-out ÷ ens. | held-out MAE | train nRMSE | train MAE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         z = f"{r['dp']['noise_multiplier']:.3g}" if r["dp"] else "—"
-        eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "∞"
+        if r.get("failed"):
+            why = r["failed"].split(":")[0] + (" (float32 and float64 forward passes of the noised network differ "
+                                               "beyond the check's tolerance)" if "ForwardMismatch" in r["failed"] else "")
+            lines.append(f"| {r['method']} | {r['label']} | {z} | | | refused: {why} | | | | |")
+            continue
+        eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else ("∞" if not r["dp"] else "—")
+        row_eps = f"{r['row_epsilon']:.3g}" if r.get("row_epsilon") is not None else ("∞" if not r["dp"] else "—")
         ratio = f"{r['heldout_nrmse'] / ensemble:.2f}x" if ensemble else "—"
-        lines.append(f"| {r['label']} | {z} | {eps} | {r['heldout_nrmse']:.3f} | {ratio} | {r['heldout_mae']:.1f} | "
-                     f"{r['train_nrmse']:.3f} | {r['train_mae']:.1f} |")
+        lines.append(f"| {r['method']} | {r['label']} | {z} | {eps} | {row_eps} | {r['heldout_nrmse']:.3f} | {ratio} | "
+                     f"{r['heldout_mae']:.1f} | {r['train_nrmse']:.3f} | {r['train_mae']:.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     (args.out_dir / "merge_dp.md").write_text(table)
     (args.out_dir / "merge_dp.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg) | {"seeds": args.seeds}, "clip_norm": args.clip_norm, "delta": args.delta,
-         "releases": releases, "ensemble_heldout_nrmse": ensemble, "rows": rows}, indent=1, default=str))
+         "methods": args.methods, "ensemble_heldout_nrmse": ensemble, "rows": rows}, indent=1, default=str))
     return 0
 
 

@@ -13,8 +13,10 @@ sites' sensors and on held-out sensors that no site has. Per seed, the rows are:
   pooled ridge model on the 24 lags (plaintext reference);
 * every ``secagg.merge.simulate`` method (real aggregator on loopback, every exchange encrypted):
   mean (the plain weight average, the user's recipe), align, readout, mean+readout, align+readout,
-  regmean, align+regmean, align+regmean+readout, auto, auto with fine-tune rounds, init (common
-  initialization) and linear (the pooled ridge, encrypted);
+  align+hybrid (the merged LSTM plus a linear skip from its input, one ridge), regmean,
+  align+regmean, align+regmean+readout, auto (every candidate, hybrid and linear included: the
+  architecture it chose is in the cost table), auto --same-architecture (LSTM candidates only),
+  auto with fine-tune rounds, init (common initialization) and linear (the pooled ridge, encrypted);
 * the same with PyTorch LSTMs (sites trained with plain torch): local, best donor, ensemble,
   mean, align, auto.
 
@@ -49,8 +51,8 @@ from merge_common import Sensor, forecast  # noqa: E402
 
 #: "readout" alone is not listed: it runs exactly what "mean+readout" runs. "align+fisher" is
 #: not either (by default): it took 170 s per seed, 6x align+readout, and scored like align.
-KERAS_METHODS = ("mean", "align", "mean+readout", "align+readout", "regmean", "align+regmean",
-                 "align+regmean+readout", "align+repair", "align+repair+readout", "auto", "init",
+KERAS_METHODS = ("mean", "align", "mean+readout", "align+readout", "align+hybrid", "regmean", "align+regmean",
+                 "align+regmean+readout", "align+repair", "align+repair+readout", "auto", "auto-same", "init",
                  "linear")
 #: Methods with rows of their own further down the table (after auto's fine-tune rows / ridge).
 _PLACED = ("init", "linear")
@@ -67,6 +69,7 @@ class Row:
     family: str  # keras | torch | baseline
     method: str | None = None  # secagg.merge.simulate method
     finetune: int = 0
+    same_architecture: bool = False  # auto: only the sites' architecture (no hybrid, no linear)
 
     @property
     def ref(self) -> str:
@@ -78,7 +81,9 @@ def secagg_label(method: str, finetune: int = 0) -> str:
     """Table label of a secagg method."""
     names = {"mean": "mean (plain weight average, user's recipe)",
              "init": "init (common initialization, 1 warm-up round, local training, mean)",
-             "linear": "linear (pooled ridge, encrypted)"}
+             "linear": "linear (pooled ridge, encrypted)",
+             "align+hybrid": "align+hybrid (merged LSTM + linear skip from the input, one ridge)",
+             "auto-same": "auto --same-architecture (LSTM candidates only)"}
     label = "secagg " + names.get(method, method)
     return label + (f" + {finetune} fine-tune round{'s' * (finetune > 1)}" if finetune else "")
 
@@ -91,7 +96,8 @@ def make_rows(cfg: mc.BenchConfig, keras_methods: Sequence[str]) -> list[Row]:
         Row("ensemble", "output ensemble of local models", "reference", "keras"),
         Row("central", "central LSTM on pooled data", "oracle", "keras"),
     ]
-    rows += [Row(f"secagg:{m}", secagg_label(m), "private", "keras", m)
+    rows += [Row(f"secagg:{m}", secagg_label(m), "private", "keras", "auto" if m == "auto-same" else m,
+                 same_architecture=m == "auto-same")
              for m in keras_methods if m not in _PLACED]
     if "auto" in keras_methods:
         rows += [Row(f"secagg:auto+ft{k}", secagg_label("auto", k), "private", "keras", "auto", k)
@@ -179,7 +185,8 @@ def secagg_row(simulate: Callable[..., Any], row: Row, sites: Sequence[tuple[Pat
     torch_module = mc.forecast.build_torch_lstm if Path(sites[0][0]).suffix == ".pt" else None
     result = simulate(row.method, [(str(m), str(d)) for m, d in sites], out=out,
                       finetune_rounds=row.finetune, finetune_epochs=cfg.finetune_epochs,
-                      seed=seed, dp=dp, torch_module=torch_module, torch_kwargs={"seed": 0} if torch_module else None)
+                      seed=seed, dp=dp, torch_module=torch_module, torch_kwargs={"seed": 0} if torch_module else None,
+                      **({"same_architecture": True} if row.same_architecture else {}))
     seconds = time.perf_counter() - t0
     predict = mc.file_predictor(Path(result.out))
     scores: dict[str, Any] = {"train": {}, "heldout": {}}
@@ -189,6 +196,7 @@ def secagg_row(simulate: Callable[..., Any], row: Row, sites: Sequence[tuple[Pat
             "steps": [dataclasses.asdict(st) for st in result.steps],
             "wire_bytes": int(sum(st.wire_bytes for st in result.steps)),
             "chosen": _jsonable(result.chosen or {}), "epsilon": result.epsilon,
+            "row_epsilon": getattr(result, "row_epsilon", None),
             "numpy_vs_framework": _forward_check(result, predict, sensors[0])}
     return scores, info
 

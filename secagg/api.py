@@ -239,6 +239,14 @@ def submit(
         plain = hashlib.sha256(theta.tobytes() + np.float64(weight).tobytes()).hexdigest()
         if policy is not None:
             policy.check(status, ckey.key_id, local_dp=local_dp, update=plain)
+        if dp is not None and dp.unit == "row":
+            from secagg.privacy.statistics import RowSums
+
+            if not isinstance(model, RowSums) or model.clip_norm > dp.clip_norm:
+                raise PrivacyError(
+                    f"round {round_id!r} is a row-level DP round (clip norm {dp.clip_norm:g} per row): submit statistics "
+                    "built by secagg.privacy.statistics.second_moments with at most that clip norm; anything else would "
+                    "get noise without its rows being clipped")
         if dp is not None:
             reference = None if dp_reference is None else flatten(spec, _tensors(dp_reference))
             # Clamping to the round's value bound after the noise is post-processing: it costs no

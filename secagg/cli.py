@@ -52,18 +52,21 @@ class _Progress:
         print(f"  {stage}: {done}/{total} ({100 * done // max(total, 1)}%)", file=sys.stderr, flush=True)
 
 
-METHODS_HELP = """methods (or a '+'-joined pipeline: a base, then regmean or fisher, then repair, then readout):
-  auto      builds mean, align, align+regmean, align+repair, each with and without a readout refit,
-            and keeps the one with the lowest pooled validation error (recommended)
+METHODS_HELP = """methods (or a '+'-joined pipeline: a base, then regmean or fisher, then repair, then readout or hybrid):
+  auto      builds mean, align, align+regmean, align+repair, each as is, with a readout refit and with a
+            hybrid head, plus the linear model, and keeps the one with the lowest pooled validation
+            error (recommended; --same-architecture keeps to the sites' architecture)
   mean      the sample-weighted average of the weights (what averaging get_weights() gives)
   align     hidden units permuted to match before averaging (activation matching)
   regmean   linear maps merged from encrypted Gram matrices (RegMean)
   fisher    weights averaged with their diagonal Fisher information
   repair    per-unit affine correction of the averaged units' statistics (REPAIR)
   readout   the output layer refit in closed form from encrypted sums (ridge)
+  hybrid    the network plus a linear skip from its input window, fitted with the output layer in one
+            closed-form ridge regression (written as a Keras functional model / a PyTorch state dict)
   linear    a pooled ridge regression on the input windows (a model of its own)
   init      a common start from a shared seed, a warm-up round, local training, then the average
-examples: auto, align+readout, align+regmean+readout, init, linear"""
+examples: auto, align+hybrid, align+readout, align+regmean+readout, init, linear"""
 
 
 class _StepProgress:
@@ -114,11 +117,13 @@ def _print_scores(info: dict, quiet: bool) -> None:
     for name, value in scores["candidates"].items():
         mark = "  <- chosen" if name == info.get("chosen") else ""
         label = name + (" (plain average)" if name == "mean" else "")
-        lines.append(f"  {label:<28} {value:.4f}{mark}")
-    lines.append(f"  {'each site its own model':<28} {scores['sites_own_models']:.4f}  (on its own data; not a "
+        lines.append(f"  {label:<34} {value:.4f}{mark}")
+    lines.append(f"  {'each site its own model':<34} {scores['sites_own_models']:.4f}  (on its own data; not a "
                  "global model)")
     for name, why in {**scores.get("dropped", {}), **scores.get("skipped", {})}.items():
-        lines.append(f"  {name:<28} not scored: {why}")
+        lines.append(f"  {name:<34} not scored: {why}")
+    if info.get("architecture"):
+        lines.append(f"auto chose {info['chosen']}: {info['architecture']}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -258,11 +263,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="run every exchange as a masked round, each site in its own thread with its own certificate "
                           "(needs 3 or more sites; in one process it shows the cost, it protects nobody)")
     sim.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    sim.add_argument("--same-architecture", action="store_true",
+                     help="auto: choose only among models of the sites' own architecture (no hybrid, no linear model)")
     _torch_options(sim)
     _dp_options(sim, "client-level DP on every exchange of model weights (methods mean, align, init and "
-                     "fine-tune rounds); epsilon is over all of them")
+                     "fine-tune rounds) and row-level DP on the statistics of readout, hybrid and linear (each "
+                     "training window is the unit: docs/privacy-audit.md); with statistics, --target-epsilon "
+                     "is the row-level epsilon over every release")
     sim.add_argument("--target-epsilon", type=float, metavar="EPS",
                      help="instead of --noise-multiplier: the smallest noise that keeps the whole run at epsilon <= EPS")
+    sim.add_argument("--stats-clip", type=float, metavar="B",
+                     help="DP on statistics: the bound on one training row's ||r||^2 (default 2 x the row's width)")
     sim.add_argument("--min-honest", type=int, metavar="K",
                      help="distributed DP: contributions assumed honest (default: the number of sites)")
 
@@ -295,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="mask every exchange's round (needs mutual TLS; every site passes it): no coalition of the "
                          "aggregator with fewer than a majority of the sites reads this site's contributions")
     mg.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    mg.add_argument("--same-architecture", action="store_true",
+                     help="auto: choose only among models of the sites' own architecture (no hybrid, no linear model)")
     _torch_options(mg)
     _site_policy_options(mg)
 
@@ -413,6 +426,9 @@ def _site_policy_options(p: argparse.ArgumentParser) -> None:
                         "that would go over it is refused")
     g.add_argument("--site-ledger", metavar="PATH",
                    help="this site's privacy ledger (default with --site-budget: site-ledger.json next to --key)")
+    g.add_argument("--allow-row-dp", action="store_true",
+                   help="accept rounds with row-level DP (merge statistics: one training window is the unit); "
+                        "refused by default when this site asks for DP")
 
 
 def _site_policy(args: argparse.Namespace) -> SitePolicy | None:
@@ -424,7 +440,7 @@ def _site_policy(args: argparse.Namespace) -> SitePolicy | None:
 
     return SitePolicy.for_key(args.key, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
                               min_noise_multiplier=args.min_noise_multiplier, budget=args.site_budget,
-                              ledger=args.site_ledger)
+                              ledger=args.site_ledger, allow_row_dp=args.allow_row_dp)
 
 
 def _masking(args):
@@ -578,13 +594,15 @@ def _run(args: argparse.Namespace) -> int:
         result = simulate(args.method, [tuple(s) for s in args.site], args.out, args.finetune_rounds,
                           args.finetune_epochs, args.seed, init_epochs=args.init_epochs, init_warmup=args.init_warmup,
                           dp=dp, torch_module=args.torch_model, torch_kwargs=args.torch_kwargs, progress=progress,
-                          masking=args.masking)
+                          masking=args.masking, same_architecture=args.same_architecture,
+                          stats_clip=args.stats_clip)
         progress.done(f"wrote {result.out}")
         _print_scores(result.chosen, args.quiet)
         print(json.dumps({"method": args.method, "out": str(result.out), "chosen": result.chosen,
                           "steps": [{"name": s.name, "seconds": round(s.seconds, 3), "wire_bytes": s.wire_bytes}
                                     for s in result.steps],
-                          "dp": dp.to_dict() if dp else None, "epsilon": result.epsilon}))
+                          "dp": dp.to_dict() if dp else None, "epsilon": result.epsilon,
+                          "row_epsilon": result.row_epsilon}))
     elif args.command == "merge":
         from secagg.merge.remote import run_site
         from secagg.merge.simulate import load_site, write_result
@@ -602,7 +620,7 @@ def _run(args: argparse.Namespace) -> int:
                                args.method, args.clients, args.finetune_rounds,
                                args.finetune_epochs, args.wait, args.max_weight, args.init_epochs, args.init_warmup,
                                tls=_client_tls(args), progress=progress, policy=policy, min_cohort=args.min_cohort,
-                               masking=args.masking)
+                               masking=args.masking, same_architecture=args.same_architecture)
         _, _, written = write_result(args.method, model, site, args.model, args.out)
         progress.done(f"wrote {written}")
         _print_scores(info, args.quiet)

@@ -69,6 +69,9 @@ class SitePolicy:
     min_noise_multiplier: float | None = None
     budget: float | None = None
     ledger: Path | None = None
+    #: Accept row-level DP rounds (merge statistics, secagg.privacy.statistics: one training window is the unit).
+    #: Off by default: a site that asks for DP is refused them unless it says a row-level promise is enough.
+    allow_row_dp: bool = False
 
     def __post_init__(self) -> None:
         for flag, value in (("--max-epsilon", self.max_epsilon), ("--min-noise-multiplier", self.min_noise_multiplier),
@@ -154,6 +157,11 @@ class SitePolicy:
                 f"update, and this would be {why} update. An aggregator that re-creates a round id could subtract "
                 "the two sums and read this site's change. Submit to a new round id"
             )
+        if dp is not None and dp.unit == "row" and self.refuses_non_dp and not self.allow_row_dp:
+            raise PrivacyError(
+                f"site policy refuses round {round_id!r}: its DP is row-level (it protects one training window, not "
+                "this site's whole contribution). If a row-level promise is enough for this site, add --allow-row-dp "
+                "(SitePolicy(allow_row_dp=True))")
         if dp is None:
             if self.refuses_non_dp:
                 rule = ("--require-dp" if self.require_dp else

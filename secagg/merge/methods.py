@@ -16,11 +16,14 @@ averages back. What a site contributes, per method:
                their aligned weights in the same exchange.
 * ``readout``  H^T H / n and H^T y / n, H being the current global model's last hidden features
                on its own training data; the output layer is refit in closed form (ridge).
+* ``hybrid``   Z^T Z / n and Z^T y / n with Z = [H, input window, 1]: the global model plus a linear
+               skip from its input, fitted as one ridge regression (:mod:`secagg.merge.heads`).
 * ``linear``   X^T X / n and X^T y / n of its flattened input windows: a ridge model pooled
                across sites, exactly what pooling the data would give a linear model.
-* ``auto``     builds candidates (mean, align, align+regmean, align+repair, each with and without
-               a readout refit), drops those that diverge at any site, then scores the rest on
-               every site's validation data; the lowest pooled error wins (secure model selection).
+* ``auto``     builds candidates (mean, align, align+regmean, align+repair; each with a readout refit
+               and a hybrid head; the linear model), drops those that diverge at any site, then scores
+               the rest on every site's validation data; the lowest pooled error wins (secure model
+               selection). ``same_architecture`` keeps to the sites' architecture.
 
 Sums of statistics are encrypted weighted averages with the sample count as weight, which is
 the pooled statistic divided by the total count; ridge solutions are unchanged by that factor.
@@ -39,6 +42,8 @@ from collections.abc import Callable
 import numpy as np
 
 from secagg.errors import SecAggError
+from secagg.merge import heads
+from secagg.merge.heads import HybridModel, LinearModel, hybrid_problem
 from secagg.merge.layers import Bidirectional, Dense, Recurrent, describe
 from secagg.merge.protocol import Exchange, SiteProtocol
 
@@ -50,7 +55,9 @@ STATS_BOUND = 1e2
 #: |value| bound of Fisher-weighted exchanges: the Fisher is normalized by its mean but spiky.
 FISHER_BOUND = 1e4
 SCORE_BOUND = 1e3  # validation MSE above this (in normalized units) counts as diverged
-RIDGE = 1e-3
+RIDGE = 1e-3  # regmean and linear; readout and hybrid heads use heads.DEFAULT_RIDGE (or auto's choice)
+#: Least ridge penalty of a head fitted on DP statistics: the noise in the released sums would otherwise be fitted too.
+DP_RIDGE = 1e-2
 _OK = 0.999  # a pooled flag at or above this: every site could send (CKKS keeps it within 1e-6 of 1)
 
 
@@ -75,6 +82,10 @@ class Site:
     check: Callable[["object", np.ndarray, str], object] | None = None
     #: Told about every step of the method as it starts: (step name, detail). For progress output.
     report: Callable[[str, str], None] | None = None
+    #: Statistics exchanges under row-level DP (secagg.privacy.statistics): rows clipped to ||r||^2 <= stats_clip
+    #: (None: the default for the row width), sums sent with weight 1, noise added by the round's DP.
+    stats_dp: bool = False
+    stats_clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.y.ndim == 1:
@@ -312,34 +323,42 @@ def repair(site: Site, merged, own=None, name: str = "repair", required: bool = 
     return net
 
 
-def readout(site: Site, net, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
-    """Refit ``net``'s output layer in closed form from pooled H^T H and H^T y."""
-    problem = net.readout_problem()
+def readout(site: Site, net, name: str = "readout", ridge: float = heads.DEFAULT_RIDGE, kind: str = "readout") -> SiteProtocol:
+    """Refit ``net``'s output layer in closed form (``kind`` "readout"), or give it a linear skip
+    from the input window fitted with it (``kind`` "hybrid", :mod:`secagg.merge.heads`)."""
+    problem = net.readout_problem() if kind == "readout" else hybrid_problem(net, site.x_val)
     if problem:
-        raise SecAggError(f"'readout' cannot refit this model: {problem}")
-    fitted, dropped = yield from readout_many(site, {"net": net}, name, ridge)
+        raise SecAggError(f"'{kind}' cannot refit this model: {problem}")
+    fitted, dropped = yield from head_exchange(site, {"net": net}, (kind,), (ridge,), name)
     if dropped:
         raise SecAggError(f"{name}: the global model's features are not finite or too large at some site "
                           f"({dropped['net']}); the model diverged, so there is nothing to refit")
-    return fitted["net"]
+    return fitted[f"net+{kind}"]
 
 
-def readout_many(site: Site, nets: dict, name: str = "readout", ridge: float = RIDGE) -> SiteProtocol:
-    """Readout refits of several candidate networks in one encrypted exchange; returns (refits, dropped).
+def head_exchange(site: Site, nets: dict, kinds: tuple[str, ...] = ("readout",),
+                  ridges: tuple[float, ...] = (heads.DEFAULT_RIDGE,),
+                  name: str = "readout") -> SiteProtocol:
+    """Closed-form heads (:mod:`secagg.merge.heads`) of several networks from one encrypted exchange.
 
-    ``dropped`` maps the candidates that some site could not send statistics for to the reason.
+    Every network sends the pooled-moment statistic of ``Z = [h, lags, 1]``; from it come, per network
+    and per ridge penalty, the ``kinds`` asked for ("readout", "hybrid"), plus "linear" (the same for
+    every network) if asked. Returns (heads, dropped): heads are keyed ``"<net>+<kind>"`` with one
+    penalty, ``"<net>+<kind>@<ridge>"`` with several; ``dropped`` maps networks that some site could
+    not send statistics for to the reason.
     """
-    site.step(name, f"H^T H and H^T y of {len(nets)} model(s)")
+    site.step(name, f"Z^T Z and Z^T y of {len(nets)} model(s), Z = [features, input window, 1]")
+    if site.stats_dp:
+        return (yield from _private_heads(site, nets, kinds, ridges, name))
     stats = {}
     flags = []
     x, y = site.stats_sample()
     keys = sorted(nets)
+    widths = {}
+    with_lags = any(kind in ("hybrid", "linear") for kind in kinds)
     for key in keys:
-        net = nets[key]
-        h, target = _readout_rows(net, x, y)
-        if net.readout.bias is not None:
-            h = _with_ones(h)
-        part, ok = _flagged({f"{key}.hth": h.T @ h / len(h), f"{key}.hty": h.T @ target / len(h)}, STATS_BOUND)
+        z, target, widths[key] = heads.rows(nets[key], x, y, lags=with_lags)
+        part, ok = _flagged({f"{key}.ztz": z.T @ z / len(z), f"{key}.zty": z.T @ target / len(z)}, STATS_BOUND)
         stats.update(part)
         flags.append(ok)
     pooled = yield Exchange(name, {**stats, "ok": np.array(flags)}, site.n, value_bound=STATS_BOUND)
@@ -348,23 +367,67 @@ def readout_many(site: Site, nets: dict, name: str = "readout", ridge: float = R
         if pooled["ok"][j] < _OK:
             dropped[key] = f"features not finite or beyond {STATS_BOUND:g} at some site"
             continue
-        net = nets[key]
-        last = net.readout
-        has_bias = last.bias is not None
-        w = _ridge(pooled[f"{key}.hth"], pooled[f"{key}.hty"], ridge, bias_row=has_bias)
-        layer = dataclasses.replace(last, kernel=w[:-1], bias=w[-1]) if has_bias else dataclasses.replace(last, kernel=w)
-        out[key] = net.replace(net.readout_index, layer)
+        for name_, model in _fit_heads(key, nets[key], kinds, ridges, pooled[f"{key}.ztz"], pooled[f"{key}.zty"],
+                                       widths[key]).items():
+            out.setdefault(name_, model)  # linear: the same from every network's statistics; the first is kept
     return out, dropped
 
 
+def _fit_heads(key: str, net, kinds, ridges, gram: np.ndarray, cross: np.ndarray, width: int) -> dict:
+    """Every head of ``kinds`` at every penalty of ``ridges``, named as :func:`head_exchange` says."""
+    tag = (lambda r: f"@{r:g}") if len(ridges) > 1 else (lambda r: "")  # noqa: E731
+    out = {}
+    for kind in kinds:
+        for r in ridges:
+            if net is None or kind == "linear":
+                out[f"linear{tag(r)}"] = heads.fit("linear", None, gram, cross, width, r)
+            else:
+                out[f"{key}+{kind}{tag(r)}"] = heads.fit(kind, net, gram, cross, width, r)
+    return out
+
+
+def _private_heads(site: Site, nets: dict, kinds: tuple[str, ...], ridges: tuple[float, ...], name: str
+                   ) -> SiteProtocol:
+    """:func:`head_exchange` under row-level DP: one network, R = [Z, y] clipped row by row, R^T R summed.
+
+    No flag travels (whether a site's features are finite would depend on its data): a site whose
+    rows are not finite stops with an error instead. The released R^T R is made symmetric and
+    positive semi-definite before the ridge solve (post-processing).
+    """
+    from secagg.privacy.statistics import default_clip_norm, moments_from_release, second_moments
+
+    ridges = tuple(max(r, DP_RIDGE) for r in ridges)
+    if len(nets) != 1:
+        raise SecAggError(f"{name}: under DP a statistics exchange carries one model's statistics (each row's "
+                          "contribution is the sensitivity); auto, which compares many, is not available with DP")
+    (key, net), = nets.items()
+    x, y = site.stats_sample()
+    with_lags = any(kind in ("hybrid", "linear") for kind in kinds)
+    z, target, width = heads.rows(net, x, y, lags=with_lags) if net is not None else \
+        (np.concatenate([x.reshape(len(x), -1), np.ones((len(x), 1))], axis=1), y.reshape(len(y), -1), 0)
+    r = np.concatenate([z, target], axis=1)
+    clip = site.stats_clip or default_clip_norm(r.shape[1])
+    # Every site's bound must be the same and must not depend on its row count: size it to the largest
+    # sample any site sends (stats_samples rows), each row at most clip.
+    bound = float(site.stats_samples) * clip
+    pooled = yield Exchange(name, second_moments(f"{key}.rr", r, clip), 1.0, value_bound=bound, privacy="rows")
+    m = moments_from_release(pooled[f"{key}.rr"])
+    d = z.shape[1]
+    return _fit_heads(key, net, kinds, ridges, m[:d, :d], m[:d, d:], width), {}
+
+
 def linear(site: Site, ridge: float = RIDGE) -> SiteProtocol:
-    """The pooled ridge regression on flattened input windows: (W, b)."""
+    """The pooled ridge regression on flattened input windows (a :class:`~secagg.merge.heads.LinearModel`)."""
+    if site.stats_dp:
+        site.step("linear", "X^T X and X^T y of the input windows, rows clipped, under DP")
+        fitted, _ = yield from _private_heads(site, {"linear": None}, ("linear",), (ridge,), "linear")
+        return fitted["linear"]
     site.step("linear", "X^T X and X^T y of the input windows")
     x = _with_ones(site.x_train.reshape(len(site.x_train), -1))
     pooled = yield Exchange("linear", {"xtx": x.T @ x / len(x), "xty": x.T @ site.y_train / len(x)}, site.n,
                             value_bound=STATS_BOUND)
-    w = _ridge(pooled["xtx"], pooled["xty"], ridge)
-    return w[:-1], w[-1]
+    w = heads.ridge(pooled["xtx"], pooled["xty"], ridge)
+    return LinearModel(w[:-1], w[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,7 +483,7 @@ def finetune(site: Site, net, rounds: int, epochs: int) -> SiteProtocol:
 
 # -- methods by name --------------------------------------------------------------------------------
 
-BASE_METHODS = ("mean", "align", "regmean", "fisher", "repair", "readout", "linear", "auto", "init")
+BASE_METHODS = ("mean", "align", "regmean", "fisher", "repair", "readout", "hybrid", "linear", "auto", "init")
 
 
 #: Local epochs after the common initialization of ``init`` (as long as the benchmark's sites train).
@@ -446,37 +509,48 @@ def check_method(method: str, finetune_rounds: int = 0) -> list[str]:
     if any(b <= a for a, b in zip(ranks, ranks[1:])):
         raise SecAggError(
             f"pipeline {'+'.join(parts)!r} is out of order: at most one base (mean, align or init) first, then at "
-            "most one of regmean/fisher, then repair, then readout, e.g. align+regmean+readout"
+            "most one of regmean/fisher, then repair, then readout or hybrid, e.g. align+regmean+readout"
         )
     return parts
 
 
 def run_method(site: Site, method: str, finetune_rounds: int = 0, finetune_epochs: int = 1,
-               init_epochs: int = INIT_EPOCHS, init_warmup: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
+               init_epochs: int = INIT_EPOCHS, init_warmup: int = INIT_WARMUP_ROUNDS,
+               same_architecture: bool = False) -> SiteProtocol:
     """The protocol for ``method``: a base method or a '+'-joined pipeline, e.g. 'align+regmean+readout'.
 
-    With ``finetune_rounds``, a pipeline that ends in a readout refit (including an ``auto`` choice
-    that does) refits the output layer once more after the last fine-tune round: readout is the last
-    stage whatever comes before it. The network returned has passed the framework check on this
-    site's data (:meth:`Site.verify`): nothing is released that the framework computes differently.
+    With ``finetune_rounds``, a pipeline that ends in a closed-form head (readout or hybrid, including
+    an ``auto`` choice that does) refits that head once more after the last fine-tune round: the head
+    is the last stage whatever comes before it. An ``auto`` choice of the linear model has no network
+    to fine-tune and ends there. ``same_architecture``: ``auto`` chooses only among models of the
+    sites' architecture (no hybrid, no linear). The model returned has passed the framework check on
+    this site's data (:meth:`Site.verify`): nothing is released that the framework computes differently.
     """
     parts = check_method(method, finetune_rounds)
     info: dict = {}
     if parts == ["linear"]:
         return (yield from linear(site)), info
     if parts == ["auto"]:
-        net, info = yield from auto(site)
-        ends_in_readout = info["chosen"].endswith("readout")
+        net, info = yield from auto(site, same_architecture)
+        head = info["head"]
     else:
         net = yield from pipeline(site, parts, init_epochs, init_warmup)
-        ends_in_readout = parts[-1] == "readout"
-    net = yield from finetune(site, net, finetune_rounds, finetune_epochs)
-    if finetune_rounds and ends_in_readout:
-        # Local epochs move the features away from the refitted output layer; one more closed-form
+        head = parts[-1] if parts[-1] in ("readout", "hybrid") else None
+    if isinstance(net, LinearModel):
+        if finetune_rounds:
+            info["finetune"] = "skipped: auto chose the linear model, which has no network to fine-tune"
+        return net, info
+    ridge = info.get("ridge") or heads.DEFAULT_RIDGE
+    base = net.base if isinstance(net, HybridModel) else net
+    base = yield from finetune(site, base, finetune_rounds, finetune_epochs)
+    if finetune_rounds and head:
+        # Local epochs move the features away from the refitted head; one more closed-form
         # refit costs a single exchange. Measured on the benchmark (seed 0, auto + 3 rounds):
         # held-out nRMSE 0.279 without it, 0.274 with it.
-        net = yield from readout(site, net, name="finetune-readout")
-    site.verify(net, "the global model")
+        net = yield from readout(site, base, name=f"finetune-{head}", ridge=ridge, kind=head)
+    elif finetune_rounds:
+        net = base
+    site.verify(net.base if isinstance(net, HybridModel) else net, "the global model")
     return net, info
 
 
@@ -486,7 +560,7 @@ def pipeline(site: Site, parts: list[str], init_epochs: int = INIT_EPOCHS,
     # Checked before the first exchange, so that no round is spent on a pipeline that cannot finish.
     check_method("+".join(parts))
     problems = {"repair": repair_problem(site.network), "regmean": regmean_problem(site.network),
-                "readout": site.network.readout_problem()}
+                "readout": site.network.readout_problem(), "hybrid": hybrid_problem(site.network, site.x_val)}
     for part in parts:
         if problems.get(part):
             raise SecAggError(f"'{part}' cannot merge this model ({site.network.describe()}): {problems[part]}; "
@@ -508,20 +582,27 @@ def pipeline(site: Site, parts: list[str], init_epochs: int = INIT_EPOCHS,
             net = yield from fisher(site, own)
         elif part == "repair":
             net = yield from repair(site, net if net is not None else (yield from mean(site)), own)
-        elif part == "readout":
-            net = yield from readout(site, net if net is not None else (yield from mean(site)))
+        elif part in ("readout", "hybrid"):
+            net = yield from readout(site, net if net is not None else (yield from mean(site)), name=part, kind=part)
     return net
 
 
-_STAGE = {"mean": 0, "align": 0, "init": 0, "regmean": 1, "fisher": 1, "repair": 2, "readout": 3}
+_STAGE = {"mean": 0, "align": 0, "init": 0, "regmean": 1, "fisher": 1, "repair": 2, "readout": 3, "hybrid": 3}
 
 
-def auto(site: Site) -> SiteProtocol:
-    """Secure model selection among one-shot candidates; returns (network, info).
+def auto(site: Site, same_architecture: bool = False) -> SiteProtocol:
+    """Secure model selection among one-shot candidates; returns (model, info).
 
-    ``info``: ``chosen`` (the candidate), ``scores`` (:class:`Scores` as JSON: every scored
-    candidate's pooled validation nRMSE beside the sites' own models) and ``skipped`` (candidates
-    not built for this architecture, with the reason).
+    Candidates: the networks mean, align, align+regmean, align+repair; each with its output layer
+    refit (readout) and, unless ``same_architecture``, each with a hybrid head (a linear skip from the
+    input window fitted with the output layer), plus the pooled linear model; every head at each
+    penalty of :data:`secagg.merge.heads.RIDGES`. All heads come from one exchange. Every site scores
+    every candidate on its own validation data; the lowest pooled error wins.
+
+    ``info``: ``chosen`` (the candidate), ``head`` (readout, hybrid, linear or None), ``ridge`` (its
+    penalty), ``architecture`` (the chosen model in words), ``scores`` (:class:`Scores` as JSON: every
+    scored candidate's pooled validation nRMSE beside the sites' own models) and ``skipped``
+    (candidates not built for this architecture, with the reason).
     """
     net = site.network
     plain = yield from mean(site)
@@ -543,22 +624,36 @@ def auto(site: Site) -> SiteProtocol:
             skipped["align+repair"] = f"activation statistics not finite or beyond {STATS_BOUND:g} at some site"
         else:
             candidates["align+repair"] = built
+    kinds = ["readout"]
     problem = net.readout_problem()
     if problem:
         skipped["+readout"] = problem
+        kinds = []
+    if same_architecture:
+        skipped["+hybrid"] = skipped["linear"] = "excluded by --same-architecture"
+    elif hybrid_problem(net, site.x_val):
+        skipped["+hybrid"] = skipped["linear"] = hybrid_problem(net, site.x_val)
     else:
-        refit, dropped = yield from readout_many(site, candidates, name="auto-readout")
-        candidates.update({f"{k}+readout": v for k, v in refit.items()})
-        skipped.update({f"{k}+readout": why for k, why in dropped.items()})
+        kinds += ["hybrid", "linear"]
     for key, cand in candidates.items():
         site.verify(cand, f"candidate {key}")
+    if kinds:
+        # The heads change only the output layer of networks verified above (and add numpy skips); the
+        # chosen model is verified once more as a whole before it is released (run_method).
+        fitted, dropped = yield from head_exchange(site, candidates, tuple(kinds), heads.RIDGES, name="auto-heads")
+        candidates.update(fitted)
+        skipped.update({f"{k}+heads": why for k, why in dropped.items()})
     scores = yield from score(site, candidates)
     if not scores.candidates:
         raise SecAggError(f"auto: every candidate diverged at some site ({scores.dropped}); check the sites' data "
                           "and models")
     best = min(scores.candidates, key=scores.candidates.get)
+    name, _, ridge = best.partition("@")
+    head = next((k for k in ("readout", "hybrid", "linear") if name.endswith(k)), None)
     report = scores.to_json_dict() | {"skipped": skipped}
-    return candidates[best], {"chosen": best, "scores": report}
+    chosen = candidates[best]
+    return chosen, {"chosen": best, "head": head, "ridge": float(ridge) if ridge else None,
+                    "architecture": heads.architecture(chosen), "scores": report}
 
 
 def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT_WARMUP_ROUNDS) -> SiteProtocol:
@@ -606,25 +701,6 @@ def common_init(site: Site, epochs: int = INIT_EPOCHS, warmup_rounds: int = INIT
 
 def _with_ones(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a, np.ones((len(a), 1))], axis=1)
-
-
-def _readout_rows(net, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, Y): the output layer's inputs and targets, one row per sample (and per time step of a sequence head)."""
-    h = net.features(x)
-    out = net.readout.output_dim
-    if h.ndim == 3:  # a head on every time step: y holds (T, out) per sample, flattened
-        return h.reshape(-1, h.shape[-1]), y.reshape(-1, out)
-    return h, y.reshape(len(y), out)
-
-
-def _ridge(gram: np.ndarray, cross: np.ndarray, ridge: float, bias_row: bool = True) -> np.ndarray:
-    """Solve (G + lambda I') W = C, with no penalty on the last (bias) row if ``bias_row``."""
-    d = len(gram)
-    k = d - 1 if bias_row else d
-    penalty = np.eye(d) * ridge * max(np.trace(gram[:k, :k]) / max(k, 1), 1e-12)
-    if bias_row:
-        penalty[-1, -1] = 0.0
-    return np.linalg.solve(gram + penalty, cross)
 
 
 def _linear_maps(layer) -> list[tuple[str, object]]:

@@ -354,8 +354,10 @@ class SiteModel:
         if not diff <= 1e-4 * scale:
             raise ForwardMismatchError(
                 f"{what}: secagg's numpy forward pass differs from {_framework_name(self)}'s own by up to {diff:.3g} "
-                f"on this site's data (tolerance {1e-4 * scale:.2g}), so secagg does not model this architecture "
-                f"({self.network.describe()}) correctly. Nothing was scored or released. Supported layouts: "
+                f"on this site's data (tolerance {1e-4 * scale:.2g}): either secagg does not model this architecture "
+                f"({self.network.describe()}) correctly, or these weights make the network numerically unstable "
+                "(float32 and float64 arithmetic diverge, as after heavy DP noise on the weights). Nothing was scored "
+                "or released. Supported layouts: "
                 f"{SUPPORTED_LAYOUTS}; for PyTorch give the exact nn.Module (--torch-model)")
         return diff
 

@@ -42,7 +42,8 @@ class Exchange:
     ``privacy`` says what the tensors are, for client-level DP (:class:`Federation` with ``dp``):
     ``"weights"`` (model weights: clipped relative to ``reference``, a model every site knows, and
     noised), ``"public"`` (independent of any site's data, e.g. a seeded initialization: sent as is)
-    or ``"stats"`` (data statistics such as Gram matrices, which DP does not cover in this version).
+    ``"rows"`` (sums of row-clipped second moments, :class:`secagg.privacy.statistics.RowSums`: noised
+    under row-level DP) or ``"stats"`` (other data statistics, which DP does not cover in this version).
     """
 
     name: str
@@ -179,9 +180,18 @@ class Federation:
         if self.dp is not None and privacy == "weights":
             dp = self.dp
             contributions = [(c, t, 1.0) for c, t, _ in contributions]
+        elif self.dp is not None and privacy == "rows":
+            # Row-level DP (secagg.privacy.statistics): every site clipped its rows to the same bound,
+            # which is the sensitivity of the summed statistic.
+            clips = {getattr(t, "clip_norm", None) for _, t, _ in contributions}
+            if len(clips) != 1 or None in clips:
+                raise PrivacyError(f"exchange {name!r}: every site must clip its rows to one bound, got {clips}")
+            dp = dataclasses.replace(self.dp, clip_norm=clips.pop(), unit="row")
+            contributions = [(c, t, 1.0) for c, t, _ in contributions]
         elif self.dp is not None and privacy != "public":
-            raise PrivacyError(f"exchange {name!r} sends data statistics, which client-level DP does not cover in this "
-                               "version; with DP use the methods mean or init (and fine-tune rounds)")
+            raise PrivacyError(f"exchange {name!r} sends data statistics that this version does not privatize "
+                               "(regmean, fisher, repair, scores); with DP use mean, align, init, readout, hybrid "
+                               "or linear pipelines (and fine-tune rounds)")
         references = references or [None] * len(contributions)
 
         round_id = f"sim{len(self.steps):03d}-{name}"[:64]

@@ -44,6 +44,7 @@ def run_site(
     policy=None,
     min_cohort: int = 3,
     masking: bool = False,
+    same_architecture: bool = False,
 ):
     """Drive this site's merge protocol against ``server``; returns (global model, info) like ``simulate``.
 
@@ -51,9 +52,10 @@ def run_site(
     detail)`` is told while this site waits for the others (step ``"wait"``). ``policy``: this site's
     own DP rules (:class:`secagg.site_policy.SitePolicy`), applied to every step's round.
     ``min_cohort``: this site's own minimum number of contributions to any average it accepts.
-    ``masking``: every exchange is a masked round (needs mutual TLS).
+    ``masking``: every exchange is a masked round (needs mutual TLS). ``same_architecture``: ``auto``
+    keeps to the sites' architecture.
     """
-    protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup)
+    protocol = run_method(site, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup, same_architecture)
     return run_protocol(server, round_id, key, client_id, protocol, clients, wait, max_weight, tls=tls,
                         progress=progress, policy=policy, min_cohort=min_cohort, masking=masking)
 

@@ -32,7 +32,8 @@ class SimulationResult:
     steps: list[StepRecord]
     chosen: dict
     dp: object | None = None  # the DPConfig of every weight exchange, if any
-    epsilon: float | None = None  # client-level epsilon over all DP exchanges (at dp.delta)
+    epsilon: float | None = None  # client-level epsilon over the weight exchanges (None with statistics releases)
+    row_epsilon: float | None = None  # row-level epsilon over every DP release (weights and statistics)
 
 
 def load_site_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +66,8 @@ def simulate(
     torch_kwargs=None,
     progress: Callable[[str, str], None] | None = None,
     masking: bool = False,
+    same_architecture: bool = False,
+    stats_clip: float | None = None,
 ) -> SimulationResult:
     """Merge the sites' models with ``method`` through a real loopback aggregator.
 
@@ -72,10 +75,14 @@ def simulate(
     Writes the global model to ``out`` (same format as the sites' models) if given.
     ``init_epochs`` and ``init_warmup`` shape ``init`` (:func:`secagg.merge.methods.common_init`).
     ``dp`` (a :class:`secagg.privacy.DPConfig`): client-level DP on every exchange of model weights
-    (methods mean, align, init and fine-tune rounds; others exchange statistics DP does not cover).
+    (methods mean, align, init and fine-tune rounds) and row-level DP on the statistics of readout,
+    hybrid and linear (:mod:`secagg.privacy.statistics`), all at ``dp``'s noise multiplier; other
+    methods exchange statistics DP does not cover and are refused (:func:`dp_releases`).
     ``torch_module``/``torch_kwargs``: the sites' ``nn.Module`` for PyTorch state dicts
     (:mod:`secagg.models.framework`). ``progress(step, detail)`` is told as every step starts.
     ``masking``: every exchange is a masked round (:class:`secagg.merge.protocol.Federation`).
+    ``same_architecture``: ``auto`` keeps to the sites' architecture (no hybrid or linear model).
+    ``stats_clip``: with ``dp``, the bound on one statistics row's ``||r||^2`` (default 2 x its width).
     """
     if len(sites) < 2:
         raise SecAggError("simulate needs at least two --site MODEL DATA pairs")
@@ -91,35 +98,84 @@ def simulate(
         states.append(load_site(f"site{i}", model_path, data_path, seed + i, torch_module, torch_kwargs,
                                 report=progress if i == 0 else None))
     _check_same_architecture(states, model_paths)
-    exchanges = dp_exchanges(method, finetune_rounds, init_warmup) if dp is not None else 0
+    for state in states:
+        state.stats_dp = dp is not None  # readout/hybrid/linear statistics: rows clipped, noised (row-level DP)
+        state.stats_clip = stats_clip
+    releases = dp_releases(method, finetune_rounds, init_warmup) if dp is not None else None
     with Federation(workdir, dp=dp, masking=masking) as federation:
-        results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup) for s in states})
+        results = federation.run({s.name: run_method(s, method, finetune_rounds, finetune_epochs, init_epochs, init_warmup,
+                                                         same_architecture) for s in states})
         steps = list(federation.steps)
     model, info = results[states[0].name]
     tensors, network, written = write_result(method, model, states[0], model_paths[0], out)
-    eps = None
-    if dp is not None:
+    eps = row_eps = None
+    if releases is not None:
+        eps = releases.site_epsilon(dp.noise_multiplier, dp.delta)
+        row_eps = releases.row_epsilon(dp.noise_multiplier, dp.delta)
+    return SimulationResult(method, tensors, network, written, steps, info, dp, eps, row_eps)
+
+
+#: Bases whose every exchange is model weights (or public), so client-level DP covers them, and their
+#: number of weight exchanges (init's depends on its warm-up rounds).
+DP_METHODS = {"mean": 1, "align": ALIGN_ITERATIONS + 1, "init": None}
+#: Closed-form heads whose one statistics exchange gets row-level DP (secagg.privacy.statistics).
+DP_HEADS = ("readout", "hybrid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Releases:
+    """The DP releases of a method: Gaussian mechanisms on weights (site-level) and on statistics (row-level)."""
+
+    weights: int
+    rows: int
+
+    def site_epsilon(self, noise_multiplier: float, delta: float) -> float | None:
+        """Client-level epsilon: over the weight releases only (None if there are statistics releases,
+        which have no site-level guarantee, or no release at all)."""
         from secagg.privacy.accountant import epsilon
 
-        eps = epsilon([dp.noise_multiplier] * exchanges, dp.delta)
-    return SimulationResult(method, tensors, network, written, steps, info, dp, eps)
+        return epsilon([noise_multiplier] * self.weights, delta) if self.weights and not self.rows else None
+
+    def row_epsilon(self, noise_multiplier: float, delta: float) -> float:
+        """Row-level epsilon over every release. Removing one row moves a site's clipped weight update by up
+        to 2C (it is re-clipped), so a weight release counts as noise multiplier z / 2 for one row."""
+        from secagg.privacy.accountant import epsilon
+
+        return epsilon([noise_multiplier / 2] * self.weights + [noise_multiplier] * self.rows, delta)
+
+    @property
+    def row_equivalent(self) -> int:
+        """Releases at noise multiplier z with the same row-level epsilon (a z/2 release counts 4 times)."""
+        return 4 * self.weights + self.rows
 
 
-#: Methods whose every exchange is model weights (or public), so client-level DP covers them, and
-#: their number of weight exchanges (init's depends on its warm-up rounds).
-DP_METHODS = {"mean": 1, "align": ALIGN_ITERATIONS + 1, "init": None}
+def dp_releases(method: str, finetune_rounds: int = 0, init_warmup: int = INIT_WARMUP_ROUNDS) -> Releases:
+    """How many DP releases ``method`` makes, or a PrivacyError for a method DP does not cover."""
+    parts = method.split("+")
+    base, head = parts[0], parts[-1]
+    covered = (parts == ["linear"] or (len(parts) == 1 and (base in DP_METHODS or base in DP_HEADS))
+               or (len(parts) == 2 and base in DP_METHODS and head in DP_HEADS))
+    if not covered:
+        raise PrivacyError(
+            f"DP covers exchanges of model weights (mean, align, init, fine-tune rounds) and the statistics of "
+            f"readout, hybrid and linear; method {method!r} also exchanges statistics (Gram matrices, activation "
+            f"moments, scores) that this version does not privatize. With DP use one of mean, align, init, linear, "
+            f"readout, hybrid or a base+head pipeline such as align+hybrid (plus --finetune-rounds)"
+        )
+    if parts == ["linear"]:
+        return Releases(0, 1)
+    if base in DP_HEADS:  # readout or hybrid alone: on the plain mean
+        base = "mean"
+    weights = (init_warmup + 1 if base == "init" else DP_METHODS[base]) + finetune_rounds
+    heads = (1 if head in DP_HEADS else 0) * (2 if finetune_rounds else 1)  # refit after fine-tuning
+    return Releases(weights, heads)
 
 
 def dp_exchanges(method: str, finetune_rounds: int = 0, init_warmup: int = INIT_WARMUP_ROUNDS) -> int:
-    """How many DP releases ``method`` makes (each one a Gaussian mechanism on every site's weights)."""
-    if method not in DP_METHODS:
-        raise PrivacyError(
-            f"client-level DP covers exchanges of model weights; method {method!r} also exchanges data statistics "
-            f"(Gram matrices, features, scores) that this version does not privatize. With DP use one of "
-            f"{', '.join(DP_METHODS)} (plus --finetune-rounds)"
-        )
-    base = init_warmup + 1 if method == "init" else DP_METHODS[method]
-    return base + finetune_rounds
+    """Releases at one noise multiplier with the method's epsilon: the weight releases for a method of weights
+    only (client-level), else the row-level equivalent count (:attr:`Releases.row_equivalent`)."""
+    r = dp_releases(method, finetune_rounds, init_warmup)
+    return r.weights if not r.rows else r.row_equivalent
 
 
 def _check_same_architecture(states: list[Site], paths: list[Path]) -> None:
@@ -159,10 +215,22 @@ def load_site(name: str, model_path: str | Path, data_path: str | Path, seed: in
 
 
 def write_result(method: str, model, site: Site, template: Path, out: str | Path | None):
-    """(tensors, network or None, written path or None) for a method's result."""
-    if method == "linear":
-        kernel, bias = model
-        written = training.write_linear(Path(template), kernel, bias, site.x.shape[1:], out) if out else None
-        return {"kernel": kernel, "bias": bias}, None, written
+    """(tensors, network or None, written path or None) for a method's result.
+
+    A hybrid or linear model (method ``hybrid`` pipelines, ``linear``, or ``auto``'s choice) is written
+    by :mod:`secagg.merge.head_files` and, for Keras, loaded back and checked against secagg's forward
+    pass on this site's data.
+    """
+    from secagg.merge.heads import HybridModel, LinearModel
+
+    if isinstance(model, (HybridModel, LinearModel)):
+        from secagg.merge import head_files
+
+        written = head_files.write_head_model(Path(template), model, site.x.shape[1:], out) if out else None
+        if written is not None:
+            head_files.check_written(written, model, site.x_val)
+        if isinstance(model, LinearModel):
+            return {"kernel": model.kernel, "bias": np.asarray(model.bias)}, model, written
+        return {**model.base.to_tensors(), "skip": model.skip}, model, written
     tensors = model.to_tensors()
     return tensors, model, (write_model(template, tensors, out) if out else None)

@@ -2,7 +2,7 @@
 
 Only sites train, each on its own data, in its own framework, on the model the site gave: the
 Keras model file's own architecture, or the site's own ``nn.Module`` for a PyTorch state dict
-(Adam, MSE). Also writes the pooled linear model as a Keras, PyTorch or npz file.
+(Adam, MSE).
 """
 
 from __future__ import annotations
@@ -175,37 +175,3 @@ def seeded_init(network, seed: int):
             continue  # no weights
         fresh = fresh.replace(i, new)
     return fresh
-
-
-def write_linear(template: Path, kernel: np.ndarray, bias: np.ndarray, input_shape: tuple, out: str | Path) -> Path:
-    """Write the pooled linear model y = flatten(x) @ kernel + bias in the template's framework.
-
-    Keras: Input -> Flatten -> Dense. PyTorch: a state dict ``{"linear.weight", "linear.bias"}`` for
-    ``nn.Sequential(nn.Flatten(), nn.Linear(...))`` named ``linear`` (load it into
-    ``torch.nn.Sequential(OrderedDict(flatten=nn.Flatten(), linear=nn.Linear(d, out)))``). npz: kernel, bias.
-    """
-    out = Path(out)
-    fam = family(template)
-    if family(out) != fam:
-        raise ModelFormatError(f"{out}: write the linear model in the sites' format ({Path(template).suffix})")
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix.lower()}")
-    try:
-        if fam == "keras":
-            from secagg.models import keras_files
-
-            keras = keras_files._import_keras("writing", out)
-            model = keras.Sequential([keras.Input(shape=tuple(int(d) for d in input_shape)), keras.layers.Flatten(name="flatten"),
-                                      keras.layers.Dense(kernel.shape[1], name="linear")], name="pooled_linear")
-            model.get_layer("linear").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-            model.save(str(tmp))
-        elif fam == "torch":
-            import torch
-
-            torch.save({"linear.weight": torch.as_tensor(kernel.T.astype(np.float32)),
-                        "linear.bias": torch.as_tensor(bias.astype(np.float32))}, tmp)
-        else:
-            np.savez(tmp, kernel=kernel, bias=bias)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out

@@ -136,6 +136,12 @@ class FrameworkModel:
 
             tensors = read_model(path)
             module = load_torch_module(torch_module, torch_kwargs)
+            if "skip.weight" in tensors and all(k == "skip.weight" or k.startswith("base.") for k in tensors):
+                # A hybrid global model (secagg.merge.head_files): the sites' module plus a linear skip.
+                from secagg.merge.head_files import torch_hybrid_class
+
+                outputs, inputs = tensors["skip.weight"].shape
+                module = torch_hybrid_class()(module, inputs, outputs)
             own = module.state_dict()
             _check_same_layout(path, list(tensors), list(own), {k: tuple(v.shape) for k, v in tensors.items()},
                                {k: tuple(v.shape) for k, v in own.items()})

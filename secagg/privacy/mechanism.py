@@ -37,6 +37,7 @@ import numpy as np
 from secagg.errors import ModelFormatError, PrivacyError
 
 MODES = ("local", "distributed")
+UNITS = ("site", "row")
 #: Sane range of noise multipliers: the accountant's arithmetic (alpha / (2 z^2)) stays finite.
 MIN_NOISE_MULTIPLIER = 1e-6
 MAX_NOISE_MULTIPLIER = 1e6
@@ -57,6 +58,9 @@ class DPConfig:
     delta: float
     mode: str
     min_honest: int
+    #: "site" (client-level: a whole contribution is clipped to C here) or "row" (row-level: the
+    #: contribution is a sum of rows each bounded by C, clipped by :mod:`secagg.privacy.statistics`).
+    unit: str = "site"
 
     def validate(self) -> DPConfig:
         """Raise :class:`PrivacyError` naming the setting to fix; return ``self`` if all are sound."""
@@ -81,6 +85,8 @@ class DPConfig:
             raise PrivacyError(f"--delta must be between 0 and 1 (exclusive), got {self.delta!r}; 1e-5 or less is usual")
         if self.mode not in MODES:
             raise PrivacyError(f"--dp-mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.unit not in UNITS:
+            raise PrivacyError(f"the DP unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if isinstance(self.min_honest, bool) or not isinstance(self.min_honest, numbers.Integral) or self.min_honest < 1:
             raise PrivacyError(
                 f"--min-honest must be a whole number >= 1 (and at most --min-clients), got {self.min_honest!r}"
@@ -94,8 +100,10 @@ class DPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able fields, for the round's status and the wire."""
-        return {"clip_norm": float(self.clip_norm), "noise_multiplier": float(self.noise_multiplier),
-                "delta": float(self.delta), "mode": str(self.mode), "min_honest": int(self.min_honest)}
+        d = {"clip_norm": float(self.clip_norm), "noise_multiplier": float(self.noise_multiplier),
+             "delta": float(self.delta), "mode": str(self.mode), "min_honest": int(self.min_honest)}
+        # Only row-level rounds name their unit: site-level settings stay byte-identical to earlier versions.
+        return d | ({"unit": self.unit} if self.unit != "site" else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DPConfig:
@@ -110,6 +118,7 @@ class DPConfig:
             delta=float(d["delta"]),
             mode=str(d["mode"]),
             min_honest=_whole(d["min_honest"]),
+            unit=str(d.get("unit", "site")),
         )
         return config.validate()
 
@@ -161,7 +170,16 @@ def privatize(
                 "use the round's previous global model of the same architecture"
             )
     update = theta if reference is None else theta - reference
-    clipped, _ = clip(update, config.clip_norm)
+    if config.unit == "row":
+        # Clipped row by row when the statistic was built (secagg.privacy.statistics.RowSums, checked by
+        # secagg.api.submit); clipping the whole sum to C here would destroy it.
+        if reference is not None:
+            raise PrivacyError("a row-level DP round takes statistics, not a model update relative to a reference")
+        clipped = np.array(update, dtype=np.float64)
+        if not np.all(np.isfinite(clipped)):
+            raise PrivacyError("the statistics contain NaN or infinite values; fix the model before a DP submission")
+    else:
+        clipped, _ = clip(update, config.clip_norm)
     if _noise:
         if rng is None:
             rng = np.random.default_rng(secrets.randbits(128))

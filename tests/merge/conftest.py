@@ -28,6 +28,7 @@ UNITS = 6
 SITE_SIZES = (301, 257, 349)  # 80% cuts: 240, 205, 279 -- not proportional to the totals
 VAL_FRACTION = 0.2
 RIDGE = 1e-3  # secagg.merge.methods.RIDGE, restated: the references must not import it
+HEAD_RIDGE = 1e-4  # secagg.merge.heads.DEFAULT_RIDGE (readout and hybrid heads), restated
 #: The torch sites' nn.Module, in the string form the command line takes (--torch-model).
 TORCH_MODULE = "secagg.merge.torch_view:make_torch_regressor"
 
@@ -148,7 +149,13 @@ def torch_predict(path: Path, x: np.ndarray, units: int = UNITS) -> np.ndarray:
     from secagg.merge import make_torch_regressor
 
     module = make_torch_regressor(1, [units], [1])
-    module.load_state_dict(torch.load(path, weights_only=True))
+    state = torch.load(path, weights_only=True)
+    if "skip.weight" in state:  # a hybrid global model: the documented module around the sites' own
+        from secagg.merge.head_files import torch_hybrid_class
+
+        outputs, inputs = state["skip.weight"].shape
+        module = torch_hybrid_class()(module, inputs, outputs)
+    module.load_state_dict(state)
     module.eval()
     with torch.no_grad():
         return module(torch.from_numpy(np.asarray(x, np.float32))).numpy().astype(np.float64)
@@ -193,6 +200,7 @@ class MergeHelpers:
     pooled_ridge = staticmethod(pooled_ridge)
     read_tensors = staticmethod(read_tensors)
     RIDGE = RIDGE
+    HEAD_RIDGE = HEAD_RIDGE
     TORCH_MODULE = TORCH_MODULE
     torch_kwargs = staticmethod(torch_kwargs)
     torch_options = staticmethod(torch_options)

@@ -126,7 +126,7 @@ def test_readout_refits_the_output_layer_of_the_mean(mh, simulated, keras_sites)
         assert float(np.max(np.abs(got[name] - mean[name]))) <= TOL, name
     # ... and the output layer is the ridge fit on the pooled features of the mean model.
     features = [mh.lstm_features(mean, s.x_train) for s in keras_sites]
-    w = mh.pooled_ridge(features, [s.y_train for s in keras_sites])
+    w = mh.pooled_ridge(features, [s.y_train for s in keras_sites], mh.HEAD_RIDGE)
     net_out = result.network.layers[-1]  # float64, before the cast to the file's float32
     got_w = np.vstack([net_out.kernel, net_out.bias[None]])
     # The site receives the pooled statistics as released values (rounded to float32, secagg.release:
@@ -137,7 +137,7 @@ def test_readout_refits_the_output_layer_of_the_mean(mh, simulated, keras_sites)
     y = np.concatenate([s.y_train for s in keras_sites])
     gram, cross = h.T @ h / len(h), h.T @ y / len(h)
     gram32, cross32 = gram.astype(np.float32).astype(np.float64), cross.astype(np.float32).astype(np.float64)
-    penalty = np.eye(len(gram)) * 1e-3 * np.trace(gram32[:-1, :-1]) / (len(gram) - 1)
+    penalty = np.eye(len(gram)) * mh.HEAD_RIDGE * np.trace(gram32[:-1, :-1]) / (len(gram) - 1)
     penalty[-1, -1] = 0.0
     # (CKKS noise can move an entry across a float32 rounding boundary: one float32 ulp of a statistic,
     # ~3e-9 here, times coefficients up to ~10.)
@@ -173,26 +173,49 @@ def test_auto_scores_and_choice(mh, simulated, keras_sites):
     result = simulated(keras_sites, "auto")
     report = result.chosen["scores"]
     scores = report["candidates"]
-    assert set(scores) == {"mean", "align", "align+regmean", "align+repair", "mean+readout", "align+readout",
-                           "align+regmean+readout", "align+repair+readout"}
+    nets = ("mean", "align", "align+regmean", "align+repair")
+    ridges = ("1e-05", "0.0001", "0.001")
+    assert set(scores) == {*nets, *(f"{n}+{head}@{r}" for n in nets for head in ("readout", "hybrid") for r in ridges),
+                           *(f"linear@{r}" for r in ridges)}
     assert report["dropped"] == {} and report["skipped"] == {}
+    assert result.chosen["architecture"]
     assert "nRMSE" in report["metric"]
     assert result.chosen["chosen"] == min(scores, key=scores.get)
 
     mean = weighted_reference(mh, keras_sites, train_counts(keras_sites))
     assert abs(scores["mean"] - pooled_nrmse(pooled_val_mse(mh, mean, keras_sites), keras_sites)) <= SCORE_TOL
-    w = mh.pooled_ridge([mh.lstm_features(mean, s.x_train) for s in keras_sites], [s.y_train for s in keras_sites])
+    w = mh.pooled_ridge([mh.lstm_features(mean, s.x_train) for s in keras_sites], [s.y_train for s in keras_sites],
+                        mh.HEAD_RIDGE)
     refit = {**mean, "out/kernel": w[:-1], "out/bias": w[-1]}
-    assert abs(scores["mean+readout"] - pooled_nrmse(pooled_val_mse(mh, refit, keras_sites), keras_sites)) <= SCORE_TOL
+    assert abs(scores["mean+readout@0.0001"] - pooled_nrmse(pooled_val_mse(mh, refit, keras_sites), keras_sites)) \
+        <= SCORE_TOL
+    # The hybrid head: one ridge regression on [features of the mean, the input window, 1].
+    hybrid_z = [np.concatenate([mh.lstm_features(mean, s.x_train), s.x_train.reshape(len(s.x_train), -1)], axis=1)
+                for s in keras_sites]
+    w = mh.pooled_ridge(hybrid_z, [s.y_train for s in keras_sites], mh.HEAD_RIDGE)
+    units = mean["out/kernel"].shape[0]
+
+    def hybrid_val_mse() -> float:
+        mse = []
+        for s in keras_sites:
+            z = np.concatenate([mh.lstm_features(mean, s.x_val), s.x_val.reshape(len(s.x_val), -1)], axis=1)
+            mse.append(float(np.mean((z @ w[:-1] + w[-1] - s.y_val) ** 2)))
+        return float(np.dot(mse, [len(s.x_val) for s in keras_sites]) / sum(len(s.x_val) for s in keras_sites))
+
+    assert w.shape[0] == units + mh.WINDOW + 1
+    assert abs(scores["mean+hybrid@0.0001"] - pooled_nrmse(hybrid_val_mse(), keras_sites)) <= SCORE_TOL
     # Beside them, every site's own model on its own validation data.
     own = [float(np.mean((mh.lstm_forward(mh.read_tensors(s.model), s.x_val) - s.y_val) ** 2)) for s in keras_sites]
     own_mse = float(np.dot(own, [len(s.x_val) for s in keras_sites]) / sum(len(s.x_val) for s in keras_sites))
     assert abs(report["sites_own_models"] - pooled_nrmse(own_mse, keras_sites)) <= SCORE_TOL
     # The returned model is the chosen candidate: its pooled validation error is the winning score.
-    chosen_mse = pooled_val_mse(mh, mh.read_tensors(result.out), keras_sites)
+    # (Measured by Keras on the written file: the chosen model may be a hybrid, a functional Keras model.)
+    errors = [float(np.mean((mh.keras_predict(result.out, s.x_val).reshape(len(s.x_val), -1) - s.y_val) ** 2))
+              for s in keras_sites]
+    chosen_mse = float(np.dot(errors, [len(s.x_val) for s in keras_sites]) / sum(len(s.x_val) for s in keras_sites))
     assert abs(pooled_nrmse(chosen_mse, keras_sites) - scores[result.chosen["chosen"]]) <= 1e-5
     # Independently trained models: the plain average is much worse than a readout refit (MSE more than twice).
-    assert scores["mean"] ** 2 > 2 * scores["mean+readout"] ** 2
+    assert scores["mean"] ** 2 > 2 * scores["mean+readout@0.0001"] ** 2
 
 
 # -- alignment -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from secagg.merge.methods import run_method
 from secagg.merge.protocol import Federation
 from secagg.merge.simulate import load_site, simulate
 
-AUTO_STEPS = ["mean", "align1", "align2", "regmean", "repair", "auto-readout", "score"]
+AUTO_STEPS = ["mean", "align1", "align2", "regmean", "repair", "auto-heads", "score"]
 ALIGN_STEPS = ["align0", "align1", "align2"]
 METHOD_STEPS = {
     "mean": ["mean"],
@@ -25,6 +25,7 @@ METHOD_STEPS = {
     "readout": ["mean", "readout"],
     "align+readout": [*ALIGN_STEPS, "readout"],
     "align+regmean+readout": [*ALIGN_STEPS, "regmean", "readout"],
+    "align+hybrid": [*ALIGN_STEPS, "hybrid"],
     "regmean": ["regmean"],
     "linear": ["linear"],
     "auto": AUTO_STEPS,
@@ -34,8 +35,9 @@ METHOD_STEPS = {
 
 def finetune_steps(result, rounds: int) -> list[str]:
     """Fine-tune steps; a refit of the readout follows them when the pipeline (or auto's choice) ends in one."""
-    chosen = result.chosen.get("chosen", result.method)
-    return [f"finetune{r + 1}" for r in range(rounds)] + (["finetune-readout"] if rounds and chosen.endswith("readout") else [])
+    head = result.chosen.get("head") if result.chosen else result.method.split("+")[-1]
+    refit = [f"finetune-{head}"] if rounds and head in ("readout", "hybrid") else []
+    return [f"finetune{r + 1}" for r in range(rounds)] + refit
 
 
 def check_steps(result, want: list[str], sites: int = 3) -> None:
@@ -59,12 +61,14 @@ def test_every_method_runs_encrypted_and_writes_a_loadable_model(mh, simulated, 
     assert result.method == method
     x = np.concatenate([s.x_val for s in keras_sites])
     if method == "linear":
-        assert result.network is None
         kernel, bias = result.tensors["kernel"], result.tensors["bias"]
         want = x.reshape(len(x), -1) @ kernel + bias
+        np.testing.assert_allclose(result.network.forward(x), want, atol=1e-12, rtol=0)
         np.testing.assert_allclose(mh.keras_predict(result.out, x), want, atol=1e-5, rtol=0)
         return
     check_written_keras(mh, result, x)
+    if method == "align+hybrid" or (method == "auto" and result.chosen["head"] in ("hybrid", "linear")):
+        return  # a model of its own architecture (tests/merge/test_hybrid.py); Keras ran it above
     # The written file holds exactly the result's tensors (the file's dtypes).
     got = mh.read_tensors(result.out)
     assert list(got) == list(result.tensors)
@@ -153,7 +157,11 @@ def test_torch_sites(mh, simulated, torch_sites, method, finetune):
     assert result.out.suffix == ".pt"
     x = np.concatenate([s.x_val for s in torch_sites])
     np.testing.assert_allclose(mh.torch_predict(result.out, x), result.network.forward(x), atol=1e-5, rtol=0)
-    assert list(mh.read_tensors(result.out)) == list(mh.read_tensors(torch_sites[0].model))
+    site_names = list(mh.read_tensors(torch_sites[0].model))
+    if result.chosen and result.chosen["head"] == "hybrid":  # the sites' module under base., plus the skip
+        assert list(mh.read_tensors(result.out)) == [*(f"base.{k}" for k in site_names), "skip.weight"]
+    elif not result.chosen or result.chosen["head"] != "linear":
+        assert list(mh.read_tensors(result.out)) == site_names
     if method == "auto":
         scores = result.chosen["scores"]["candidates"]
         assert result.chosen["chosen"] == min(scores, key=scores.get)
@@ -287,10 +295,11 @@ def test_regmean_merges_gru(mh, tmp_path, gru_sites):
 
 def test_auto_on_gru_includes_regmean_and_skips_repair(mh, gru_sites):
     result = simulate("auto", [s.pair() for s in gru_sites], **gru_options(mh))
-    check_steps(result, ["mean", "align1", "align2", "regmean", "auto-readout", "score"], sites=2)
+    check_steps(result, ["mean", "align1", "align2", "regmean", "auto-heads", "score"], sites=2)
     report = result.chosen["scores"]
-    assert set(report["candidates"]) == {"mean", "align", "align+regmean", "mean+readout", "align+readout",
-                                         "align+regmean+readout"}
+    nets = ("mean", "align", "align+regmean")
+    assert {c.partition("@")[0] for c in report["candidates"]} == {
+        *nets, *(f"{n}+{head}" for n in nets for head in ("readout", "hybrid")), "linear"}
     assert report["dropped"] == {}
     assert set(report["skipped"]) == {"align+repair"}
     assert "GRU" in report["skipped"]["align+repair"]

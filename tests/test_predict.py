@@ -335,7 +335,10 @@ def test_global_model_at_a_new_site_on_real_data(tmp_path):
         fc.train_windows(x, y, seed=100 + i, epochs=4).save(tmp_path / f"site{i}.keras")
         fc.save_xy(tmp_path / f"site{i}.npz", x, y)
         sites.append((tmp_path / f"site{i}.keras", tmp_path / f"site{i}.npz"))
-    simulate("auto", sites, tmp_path / "global.keras", workdir=tmp_path / "work")
+    # The sites' architecture: the assertions below are about how much an LSTM forecaster depends on its
+    # scaler. A hybrid global model (auto's usual choice since issue 13) is less sensitive to a foreign
+    # scaler used in and out (measured 1.18x instead of more than 1.3x here), thanks to its linear skip.
+    simulate("auto", sites, tmp_path / "global.keras", workdir=tmp_path / "work", same_architecture=True)
 
     raw = fc.sensor_series(counts_df, NEW_SITE)[slice(*NEW_ROWS)]
     history = raw[:HISTORY]

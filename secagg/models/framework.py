@@ -205,8 +205,15 @@ class FrameworkModel:
         return np.concatenate(parts) if parts else np.zeros((0,))
 
     def features(self, x: np.ndarray, batch_size: int = 2048) -> np.ndarray:
-        """The input of the model's last Dense/Linear layer for ``x`` (for refitting the readout)."""
+        """The input of the model's last Dense/Linear layer for ``x`` (for refitting the readout).
+
+        A hybrid global model's head is its base network's output layer and its skip together: its
+        features are the base's last features followed by the flattened input window.
+        """
         x = np.asarray(x, dtype=np.float32)
+        if self._is_hybrid():
+            return np.concatenate([self._hybrid_base().features(x, batch_size),
+                                   np.asarray(x, np.float64).reshape(len(x), -1)], axis=1)
         if self.framework == "keras":
             import keras
 
@@ -233,6 +240,9 @@ class FrameworkModel:
     def readout(self) -> tuple[np.ndarray, np.ndarray]:
         """The last Dense/Linear layer's ``(kernel (features, outputs), bias (outputs,))``, the map
         applied to :meth:`features` (Keras' kernel layout; a torch weight is transposed)."""
+        if self._is_hybrid():
+            kernel, bias = self._hybrid_base().readout()
+            return np.vstack([kernel, self._skip_kernel()]), bias
         kernel, bias = self._readout_variables()
         if self.framework == "keras":
             import keras
@@ -243,6 +253,15 @@ class FrameworkModel:
 
     def set_readout(self, kernel: np.ndarray, bias: np.ndarray) -> "FrameworkModel":
         """Replace the last Dense/Linear layer's weights (layout of :meth:`readout`); returns self."""
+        if self._is_hybrid():
+            base = self._hybrid_base()
+            rows = base.readout()[0].shape[0]
+            skip = np.asarray(kernel)[rows:]
+            if skip.shape != self._skip_kernel().shape:
+                raise ModelFormatError(f"{self.path}: the hybrid's skip is {self._skip_kernel().shape}, got {skip.shape}")
+            base.set_readout(np.asarray(kernel)[:rows], bias)
+            self._set_skip_kernel(skip)
+            return self
         kernel_var, bias_var = self._readout_variables()
         kernel, bias = np.asarray(kernel), np.asarray(bias)
         if self.framework == "torch":
@@ -282,6 +301,39 @@ class FrameworkModel:
         if not linears or linears[-1].bias is None:
             raise ModelFormatError(f"{self.path}: the module has no nn.Linear layer with a bias to refit")
         return linears[-1].weight, linears[-1].bias
+
+    def _hybrid_base(self) -> "FrameworkModel":
+        """The base network of a hybrid global model, as a FrameworkModel sharing its variables."""
+        if self.framework == "keras":
+            import keras
+
+            base = next(layer for layer in self.model.layers if isinstance(layer, keras.Model))
+        else:
+            base = self.model.base
+        return FrameworkModel(self.framework, base, {}, self.path)
+
+    def _skip_kernel(self) -> np.ndarray:
+        """The hybrid's skip as (window x features, outputs)."""
+        if self.framework == "keras":
+            import keras
+
+            return np.asarray(keras.ops.convert_to_numpy(self.model.get_layer("skip").kernel), np.float64)
+        return self.model.skip.weight.detach().cpu().numpy().T.astype(np.float64)
+
+    def _set_skip_kernel(self, kernel: np.ndarray) -> None:
+        if self.framework == "keras":
+            self.model.get_layer("skip").kernel.assign(kernel)
+        else:
+            import torch
+
+            with torch.no_grad():
+                self.model.skip.weight.copy_(torch.as_tensor(np.ascontiguousarray(kernel.T)).to(self.model.skip.weight.dtype))
+
+    def _is_hybrid(self) -> bool:
+        """Whether this is a hybrid global model written by secagg.merge.head_files."""
+        if self.framework == "keras":
+            return self.model.name == "hybrid" and any(layer.name == "hybrid_sum" for layer in self.model.layers)
+        return hasattr(self.model, "skip") and hasattr(self.model, "base")
 
 
 def _torch_output(out) -> np.ndarray:

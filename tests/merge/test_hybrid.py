@@ -42,6 +42,16 @@ def test_keras_hybrid_is_the_pooled_ridge_and_loads_with_keras_alone(mh, simulat
                                atol=TOL, rtol=1e-4)
     # The skip is part of the function: without it the predictions differ.
     assert float(np.max(np.abs(model.base.forward(x) - model.forward(x)))) > 1e-2
+    # secagg predict --adapt refits a hybrid's whole head (base output layer and skip) on the features
+    # [base features, flattened window]: the framework model's view of it is exactly the fitted head.
+    from secagg.models.framework import FrameworkModel
+
+    fm = FrameworkModel.load(result.out)
+    feats, (kernel, bias) = fm.features(x), fm.readout()
+    assert kernel.shape == (units + mh.WINDOW, 1)
+    np.testing.assert_allclose(feats @ kernel + bias, model.forward(x), atol=TOL, rtol=1e-4)
+    fm.set_readout(kernel * 0.5, bias)  # written back into both layers
+    np.testing.assert_allclose(fm.predict(x).reshape(len(x), -1), feats @ (kernel * 0.5) + bias, atol=TOL, rtol=1e-4)
 
 
 def test_hybrid_fits_the_training_rows_at_least_as_well_as_readout_and_linear(mh, simulated, keras_sites):
@@ -78,6 +88,8 @@ def test_torch_hybrid_loads_into_the_documented_module(mh, simulated, torch_site
 
     framework = FrameworkModel.load(result.out, mh.TORCH_MODULE, mh.torch_kwargs())
     np.testing.assert_allclose(framework.predict(x).reshape(len(x), -1), got, atol=1e-6)
+    feats, (kernel, bias) = framework.features(x), framework.readout()
+    np.testing.assert_allclose(feats @ kernel + bias, got, atol=TOL, rtol=1e-4)
 
 
 def test_auto_chooses_among_architectures_and_reports_it(mh, simulated, keras_sites):

@@ -90,8 +90,12 @@ def rows(net, x: np.ndarray, y: np.ndarray, lags: bool = True) -> tuple[np.ndarr
 
     A network whose output layer runs on every time step gives one row per sample and time step
     (``y`` then holds (T, outputs) per sample); it has no input window per row, so no ``lags``.
+    Without a network (``net`` None, the linear model alone) ``Z = [lags, 1]`` and the width is 0.
     """
     x = np.asarray(x, dtype=np.float64)
+    if net is None:
+        return (np.concatenate([x.reshape(len(x), -1), np.ones((len(x), 1))], axis=1),
+                np.asarray(y, dtype=np.float64).reshape(len(x), -1), 0)
     h = net.features(x)
     out = net.readout.output_dim
     if h.ndim == 3:

@@ -367,9 +367,9 @@ def head_exchange(site: Site, nets: dict, kinds: tuple[str, ...] = ("readout",),
         if pooled["ok"][j] < _OK:
             dropped[key] = f"features not finite or beyond {STATS_BOUND:g} at some site"
             continue
-        for name_, model in _fit_heads(key, nets[key], kinds, ridges, pooled[f"{key}.ztz"], pooled[f"{key}.zty"],
-                                       widths[key]).items():
-            out.setdefault(name_, model)  # linear: the same from every network's statistics; the first is kept
+        for head, model in _fit_heads(key, nets[key], kinds, ridges, pooled[f"{key}.ztz"], pooled[f"{key}.zty"],
+                                      widths[key]).items():
+            out.setdefault(head, model)  # linear: the same from every network's statistics; the first is kept
     return out, dropped
 
 
@@ -403,8 +403,7 @@ def _private_heads(site: Site, nets: dict, kinds: tuple[str, ...], ridges: tuple
     (key, net), = nets.items()
     x, y = site.stats_sample()
     with_lags = any(kind in ("hybrid", "linear") for kind in kinds)
-    z, target, width = heads.rows(net, x, y, lags=with_lags) if net is not None else \
-        (np.concatenate([x.reshape(len(x), -1), np.ones((len(x), 1))], axis=1), y.reshape(len(y), -1), 0)
+    z, target, width = heads.rows(net, x, y, lags=with_lags)
     r = np.concatenate([z, target], axis=1)
     clip = site.stats_clip or default_clip_norm(r.shape[1])
     # Every site's bound must be the same and must not depend on its row count: size it to the largest

@@ -178,7 +178,7 @@ class SubmitReply(_message.Message):
     client_id: str
     submitted: int
     already_accepted: bool
-    def __init__(self, round_id: _Optional[str] = ..., client_id: _Optional[str] = ..., submitted: _Optional[int] = ..., already_accepted: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round_id: _Optional[str] = ..., client_id: _Optional[str] = ..., submitted: _Optional[int] = ..., already_accepted: bool = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("round_id", "wait_seconds")
@@ -274,4 +274,4 @@ class MaskReply(_message.Message):
     ready: bool
     payload_json: str
     stage: str
-    def __init__(self, ready: _Optional[bool] = ..., payload_json: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
+    def __init__(self, ready: bool = ..., payload_json: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...

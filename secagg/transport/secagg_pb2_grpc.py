@@ -5,7 +5,7 @@ import warnings
 
 from secagg.transport import secagg_pb2 as secagg__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class AggregatorStub:
+class AggregatorStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -76,7 +76,7 @@ class AggregatorStub:
                 _registered_method=True)
 
 
-class AggregatorServicer:
+class AggregatorServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetServerInfo(self, request, context):
@@ -198,7 +198,7 @@ def add_AggregatorServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Aggregator:
+class Aggregator(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

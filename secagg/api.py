@@ -7,22 +7,21 @@ Data flows one way: model file -> arrays -> flat vector -> [w*theta, w, 1] -> se
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from secagg import envelope
+from secagg.envelope import Chunk
 from secagg.errors import (
     BusyError,
     KeyFileError,
     OverflowRiskError,
-    PrivacyError,
     RoundExistsError,
     RoundStateError,
     SecAggError,
@@ -31,8 +30,9 @@ from secagg.errors import (
 from secagg.keys import ClientKey, ServerKey, load_client_key, load_server_key
 from secagg.metrics import Metrics
 from secagg.models import read_model, write_model
-from secagg.packing import ModelSpec, check_matches, flatten, unflatten
-from secagg.privacy.mechanism import DPConfig, privatize
+from secagg.packing import ModelSpec, check_matches, unflatten
+from secagg.privacy.mechanism import DPConfig
+from secagg.submission import plaintext_update
 from secagg.masking.settings import MaskSettings
 from secagg.updates import Average, encrypt_update, open_aggregate, open_chunks, seal_ciphertexts
 from secagg.rounds import DEFAULT_MAX_PARAMS, DEFAULT_MIN_COHORT, Aggregator, RoundStatus, RoundSummary
@@ -234,24 +234,9 @@ def submit(
         if status.state != "collecting":
             why = f" ({status.reason})" if status.reason else ""
             raise RoundStateError(f"round {round_id!r} is {status.state}{why}; it accepts no more updates")
-        theta = flatten(spec, tensors)
-        dp = _submission_dp(status, local_dp, weight)
-        plain = hashlib.sha256(theta.tobytes() + np.float64(weight).tobytes()).hexdigest()
-        if policy is not None:
-            policy.check(status, ckey.key_id, local_dp=local_dp, update=plain)
-        if dp is not None and dp.unit == "row":
-            from secagg.privacy.statistics import RowSums
-
-            if not isinstance(model, RowSums) or model.clip_norm > dp.clip_norm:
-                raise PrivacyError(
-                    f"round {round_id!r} is a row-level DP round (clip norm {dp.clip_norm:g} per row): submit statistics "
-                    "built by secagg.privacy.statistics.second_moments with at most that clip norm; anything else would "
-                    "get noise without its rows being clipped")
-        if dp is not None:
-            reference = None if dp_reference is None else flatten(spec, _tensors(dp_reference))
-            # Clamping to the round's value bound after the noise is post-processing: it costs no
-            # privacy and keeps a large noise draw from overflowing the encrypted sum.
-            theta = np.clip(privatize(theta, dp, reference, rng), -status.value_bound, status.value_bound)
+        plaintext = plaintext_update(ckey.key_id, status, spec, tensors, weight, local_dp=local_dp, rng=rng,
+                                     policy=policy, dp_reference=None if dp_reference is None else _tensors(dp_reference))
+        theta, dp, plain = plaintext.theta, plaintext.dp, plaintext.digest
         site = None
         if status.masking:
             from secagg.masking import flow
@@ -279,26 +264,6 @@ def submit(
     return Receipt(round_id, client_id, reply.submitted, reply.already_accepted, spec.num_params, update.wire_bytes,
                    t1 - t0, t2 - t1, dp, status.release_precision * status.max_weight / float(weight),
                    site is not None, mask_seconds)
-
-
-def _submission_dp(status: RoundStatus, local_dp: DPConfig | None, weight: float) -> DPConfig | None:
-    """The DP a submission gets: the round's, or the site's own local DP; None for neither."""
-    round_dp = DPConfig.from_dict(status.dp) if status.dp else None
-    if local_dp is not None:
-        local_dp.validate()
-        if round_dp is not None and local_dp != round_dp:
-            raise PrivacyError(
-                f"round {status.round_id!r} has its own DP settings ({round_dp.to_dict()}); drop the site's DP options "
-                "or give exactly the round's"
-            )
-        if round_dp is None and local_dp.mode != "local":
-            raise PrivacyError("a site on its own can only add --dp-mode local noise; distributed noise needs the round's "
-                               "DP settings, so that every site adds its share")
-    dp = round_dp or local_dp
-    if dp is not None and float(weight) != 1.0:
-        raise PrivacyError("DP rounds average with equal weights (one site's clipped contribution is the sensitivity); "
-                           "drop --weight")
-    return dp
 
 
 def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
@@ -329,9 +294,21 @@ def fetch_average(server: str, round_id: str, key: KeyLike, wait: float = 0.0,
                 if time.monotonic() >= end + retry_for:
                     raise
                 time.sleep(1.0)
-        records = [record_from_pb(r) for r in head.records]
-        pairs = list(open_chunks(ckey, status, head, len(records), _report(chunks, progress, "receive", head.num_chunks)))
-    return open_aggregate(ckey, status, spec, records, pairs, tls, min_cohort, progress)
+        return open_served(ckey, status, spec, head, _report(chunks, progress, "receive", head.num_chunks), tls=tls,
+                           min_cohort=min_cohort, progress=progress)
+
+
+def open_served(key: ClientKey, status: RoundStatus, spec: ModelSpec, head: pb.AggregateHeader,
+                chunks: Iterable[Chunk], *, tls: ClientTLS | None = None, min_cohort: int = DEFAULT_MIN_COHORT,
+                progress: Progress | None = None) -> Average:
+    """Check, decrypt and release an encrypted sum as served (its header and chunks), whoever carried it.
+
+    The transport-free end of :func:`fetch_average` (the Flower mod calls it too): every record and
+    ciphertext is checked (:func:`secagg.updates.open_aggregate`) before anything is released.
+    """
+    records = [record_from_pb(r) for r in head.records]
+    pairs = list(open_chunks(key, status, head, len(records), chunks))
+    return open_aggregate(key, status, spec, records, pairs, tls, min_cohort, progress)
 
 
 def fetch(

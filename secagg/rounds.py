@@ -522,6 +522,24 @@ class Aggregator(MaskedRounds):
             rnd.changed.notify_all()
             return self._status(rnd)
 
+    def end_collection(self, round_id: str, why: str) -> RoundStatus:
+        """Apply the deadline's rule now: close with what was accepted if that is at least ``min_clients``,
+        else fail, because no more updates can come (``why``: e.g. every sampled site has answered).
+
+        For a host that knows whom it asked (the Flower strategy); an unmasked collecting round only.
+        """
+        rnd = self._round(round_id)
+        with rnd.lock:
+            self._apply_deadline(rnd)
+            if rnd.state == COLLECTING and rnd.mask is None:
+                if len(rnd.accepted) >= rnd.config.min_clients:
+                    self._close(rnd)
+                else:
+                    self._fail(rnd, f"{why}, with {len(rnd.accepted)} of {rnd.config.expected_clients} updates, "
+                                    f"fewer than the minimum {rnd.config.min_clients}")
+                rnd.changed.notify_all()
+            return self._status(rnd)
+
     def round_config(self, round_id: str) -> RoundConfig:
         return self._round(round_id).config
 

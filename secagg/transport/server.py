@@ -28,7 +28,8 @@ from secagg.masking.settings import MaskSettings
 from secagg.metrics import Metrics, MetricsEndpoint
 from secagg.packing import ModelSpec
 from secagg.privacy.mechanism import DPConfig
-from secagg.rounds import DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregator, RoundConfig, RoundStatus, RoundSummary
+from secagg.rounds import (DEFAULT_MAX_WEIGHT, DEFAULT_VALUE_BOUND, Aggregate, Aggregator, RoundConfig, RoundStatus,
+                           RoundSummary)
 from secagg.transport import secagg_pb2 as pb
 from secagg.transport import secagg_pb2_grpc as pb_grpc
 from secagg.transport.admission import Admission, Limits
@@ -111,6 +112,16 @@ def header_to_pb(h: Header) -> pb.UpdateHeader:
     return pb.UpdateHeader(format_version=h.format_version, round_id=h.round_id, client_id=h.client_id,
                            key_id=h.key_id, spec_hash=h.spec_hash, num_ciphertexts=h.num_ciphertexts,
                            num_chunks=h.num_chunks, digest=h.digest, contribution=record_to_pb(h.contribution))
+
+
+def aggregate_header_to_pb(agg: Aggregate) -> pb.AggregateHeader:
+    """What precedes a served sum's chunks: the round, key, spec, every contributor's record."""
+    h = agg.header
+    return pb.AggregateHeader(
+        round_id=h.round_id, key_id=h.key_id, spec_hash=h.spec_hash, contributions=agg.contributions,
+        clients=list(agg.clients), num_ciphertexts=h.num_ciphertexts, num_chunks=h.num_chunks, digest=h.digest,
+        records=[record_to_pb(r) for r in agg.records],
+    )
 
 
 def header_from_pb(h: pb.UpdateHeader) -> Header:
@@ -275,12 +286,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self.metrics.fetches_refused.labels(self.metrics.reason(exc)).inc()
             abort(context, exc)
             return
-        h = agg.header
-        yield pb.AggregateMessage(header=pb.AggregateHeader(
-            round_id=h.round_id, key_id=h.key_id, spec_hash=h.spec_hash, contributions=agg.contributions,
-            clients=list(agg.clients), num_ciphertexts=h.num_ciphertexts, num_chunks=h.num_chunks, digest=h.digest,
-            records=[record_to_pb(r) for r in agg.records],
-        ))
+        yield pb.AggregateMessage(header=aggregate_header_to_pb(agg))
         for chunk in agg.chunks():
             yield pb.AggregateMessage(chunk=chunk_to_pb(chunk))
         self.metrics.fetches.inc()

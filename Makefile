@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-dp bench-new-site bench-masking install demo test test-fast bench bench-merge proto image image-rootfs clean
+.PHONY: bench-dp bench-new-site bench-masking bench-flower flower-demo install demo test test-fast bench bench-merge proto image image-rootfs clean
 
 install: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(PY) clients/demo.py
+
+flower-demo: install
+	$(PY) clients/flower/run.py --simulation --supernodes 3 --rounds 2
 
 test: install
 	$(PY) -m pytest -q -ra
@@ -37,6 +40,9 @@ bench-new-site: install
 
 bench-masking: install
 	$(PY) benchmarks/masking.py
+
+bench-flower: install
+	$(PY) benchmarks/flower_compare.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=secagg/transport --grpc_python_out=secagg/transport \

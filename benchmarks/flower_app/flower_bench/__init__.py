@@ -1,0 +1,1 @@
+"""Benchmark Flower App: Flower FedAvg, Flower SecAgg+ and secagg on the same client arrays."""

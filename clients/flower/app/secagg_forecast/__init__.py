@@ -1,0 +1,1 @@
+"""Example Flower App: pedestrian-count forecasters averaged by secagg inside Flower."""

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bench-dp bench-new-site bench-masking bench-flower flower-demo install demo test test-fast bench bench-merge proto image image-rootfs clean
+.PHONY: bench-dp bench-new-site bench-masking bench-flower flower-demo install demo test test-fast bench bench-merge proto image image-site image-test clean
 
 install: $(STAMP)
 
@@ -49,28 +49,26 @@ proto: install
 		--pyi_out=secagg/transport proto/secagg.proto
 	sed -i 's/^import secagg_pb2 as/from secagg.transport import secagg_pb2 as/' secagg/transport/secagg_pb2_grpc.py
 
-# The aggregator's image (deploy/Dockerfile) with docker or podman, whichever reaches an engine.
+# The aggregator's image (deploy/Dockerfile) with docker or podman, whichever reaches an engine
+# (deploy/build-image.sh; podman reads deploy/containers.conf, `PODMAN_CONF=` for the machine's own).
+# Without a registry, the base image is built from Debian's packages (deploy/base-image.sh).
 IMAGE ?= secagg-aggregator
+SITE_IMAGE ?= secagg-site
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+PODMAN_CONF ?= $(CURDIR)/deploy/containers.conf
 
 image:
-	@engine=""; \
-	for e in docker podman; do \
-		if command -v $$e >/dev/null 2>&1 && timeout 20 $$e info >/dev/null 2>&1; then engine=$$e; break; fi; \
-	done; \
-	if [ -z "$$engine" ]; then \
-		echo "make image: no container engine available: neither docker nor podman can reach one" >&2; \
-		echo "  ('docker info' fails: a docker client without a daemon cannot build)." >&2; \
-		echo "  Without an engine, build and check the same root filesystem with debootstrap + chroot:" >&2; \
-		echo "  sudo make image-rootfs   (deploy/verify_rootfs.sh; deploy/README.md says what it verifies)" >&2; \
-		exit 1; \
-	fi; \
-	set -x; $$engine build -f deploy/Dockerfile -t $(IMAGE):$(IMAGE_TAG) -t $(IMAGE):latest .
+	PODMAN_CONF='$(PODMAN_CONF)' deploy/build-image.sh $(IMAGE) $(IMAGE_TAG)
 
-# deploy/Dockerfile executed in a debootstrap chroot, then a real round against it; needs root and
-# the network to Debian's mirrors and PyPI. Not part of `make test`.
-image-rootfs: install
-	deploy/verify_rootfs.sh
+# The compose demo's site image: secagg[client] (TenSEAL), same Dockerfile, target `site`.
+image-site:
+	PODMAN_CONF='$(PODMAN_CONF)' deploy/build-image.sh --target site $(SITE_IMAGE) $(IMAGE_TAG)
+
+# Build both images, run the aggregator's with a volume and TLS, a real round from the host through it
+# (SIGKILL + restart mid-round), then deploy/docker-compose.yml's round (deploy/image_test.py). Installs
+# podman, runc and docker-compose when run as root on Debian without an engine. Not part of `make test`.
+image-test: install
+	IMAGE=$(IMAGE) SITE_IMAGE=$(SITE_IMAGE) PODMAN_CONF='$(PODMAN_CONF)' $(PY) deploy/image_test.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
